@@ -1,0 +1,111 @@
+//! The workers whose `Heartbeat` stream is open on this head. The streams
+//! are the truth of who is attached; `ListWorkers` reads this table.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// Marks "no load reported" in [`Stream::load_bits`].
+const NO_LOAD: u64 = u64::MAX;
+
+/// One open stream. Beats update the atomics, so the hot path never takes
+/// the table's lock.
+#[derive(Debug)]
+pub struct Stream {
+    pub worker_id: String,
+    pub epoch: u64,
+    pub worker_addr: String,
+    pub since_ms: i64,
+    last_beat_ms: AtomicI64,
+    last_sequence: AtomicU64,
+    load_bits: AtomicU64,
+    /// Woken when a newer stream of the same worker replaces this one.
+    pub replaced: Notify,
+}
+
+impl Stream {
+    /// Records a `WorkerBeat`.
+    pub fn record(&self, sequence: u64, load: Option<f64>, now_ms: i64) {
+        self.last_beat_ms.store(now_ms, Ordering::Relaxed);
+        self.last_sequence.store(sequence, Ordering::Relaxed);
+        self.load_bits
+            .store(load.map_or(NO_LOAD, f64::to_bits), Ordering::Relaxed);
+    }
+
+    /// When the last beat arrived, Unix ms.
+    pub fn last_beat_ms(&self) -> i64 {
+        self.last_beat_ms.load(Ordering::Relaxed)
+    }
+
+    /// The `WorkerInfo` that `ListWorkers` reports.
+    pub fn info(&self) -> tether::pb::WorkerInfo {
+        let bits = self.load_bits.load(Ordering::Relaxed);
+        tether::pb::WorkerInfo {
+            worker_id: self.worker_id.clone(),
+            epoch: self.epoch,
+            attached_since_ms: self.since_ms,
+            last_beat_ms: self.last_beat_ms(),
+            worker_addr: self.worker_addr.clone(),
+            last_sequence: self.last_sequence.load(Ordering::Relaxed),
+            load: (bits != NO_LOAD).then(|| f64::from_bits(bits)),
+        }
+    }
+}
+
+/// The table of open streams, keyed by worker id.
+#[derive(Debug, Default)]
+pub struct Attached {
+    streams: Mutex<HashMap<String, Arc<Stream>>>,
+}
+
+impl Attached {
+    /// Adds a stream. A stream of the same worker already here is told to
+    /// close: one worker, one stream.
+    pub fn insert(&self, worker_id: String, epoch: u64, worker_addr: String, now_ms: i64) -> Arc<Stream> {
+        let stream = Arc::new(Stream {
+            worker_id: worker_id.clone(),
+            epoch,
+            worker_addr,
+            since_ms: now_ms,
+            last_beat_ms: AtomicI64::new(now_ms),
+            last_sequence: AtomicU64::new(0),
+            load_bits: AtomicU64::new(NO_LOAD),
+            replaced: Notify::new(),
+        });
+        let old = self.lock().insert(worker_id, stream.clone());
+        if let Some(old) = old {
+            old.replaced.notify_one();
+        }
+        stream
+    }
+
+    /// Removes `stream`, unless a newer stream of its worker replaced it.
+    pub fn remove(&self, stream: &Arc<Stream>) {
+        let mut map = self.lock();
+        if map
+            .get(&stream.worker_id)
+            .is_some_and(|s| Arc::ptr_eq(s, stream))
+        {
+            map.remove(&stream.worker_id);
+        }
+    }
+
+    /// Every open stream, ordered by worker id.
+    pub fn list(&self) -> Vec<tether::pb::WorkerInfo> {
+        let mut out: Vec<_> = self.lock().values().map(|s| s.info()).collect();
+        out.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        out
+    }
+
+    /// How many streams are open.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Stream>>> {
+        // A panic while holding the lock cannot leave the map half-written
+        // (single inserts and removes), so a poisoned lock is still usable.
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,95 @@
+//! `tether-head`: registers in Redis under a lease, adopts workers and
+//! streams heartbeats to them. This file only parses configuration and
+//! wires the process; the behaviour lives in the modules.
+
+mod attached;
+mod beat;
+mod lease;
+mod run;
+mod service;
+
+use clap::Parser;
+use std::time::Duration;
+use tether::config::{parse_duration, parse_id, CommonArgs, Timing};
+
+/// A Tether head: workers attach to it and it beats to them.
+#[derive(Debug, Parser)]
+#[command(name = "tether-head", version, about, long_about = None)]
+pub struct Args {
+    /// This head's id, unique in the cluster [default: head-HOSTNAME-PID].
+    #[arg(long, env = "TETHER_ID", value_parser = parse_id)]
+    pub id: Option<String>,
+
+    /// Address to serve gRPC on (HeadService, health, reflection).
+    #[arg(long, env = "TETHER_LISTEN", default_value = "0.0.0.0:7070")]
+    pub listen: std::net::SocketAddr,
+
+    /// Address workers should dial, as host:port; in containers, the pod or
+    /// container address [default: the listen address, or 127.0.0.1:PORT
+    /// when listening on a wildcard].
+    #[arg(long, env = "TETHER_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// How often the head beats to each worker and refreshes its lease.
+    #[arg(long, env = "TETHER_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Silence after which a worker counts as gone (and, told to workers,
+    /// after which they count this head as gone). Must exceed the interval.
+    #[arg(long, env = "TETHER_HEARTBEAT_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub heartbeat_timeout: Duration,
+
+    /// Lifetime of this head's registry entry without a refresh: a crashed
+    /// head disappears from the registry after at most this long. Must
+    /// exceed the heartbeat interval.
+    #[arg(long, env = "TETHER_LEASE_TTL", default_value = "3s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+
+    /// Bound on the clean shutdown: after this long, remaining streams are
+    /// cut and the process exits.
+    #[arg(long, env = "TETHER_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+impl Args {
+    fn validate(&self) -> Result<(), String> {
+        Timing {
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_timeout: self.heartbeat_timeout,
+        }
+        .validate()?;
+        if self.lease_ttl <= self.heartbeat_interval {
+            return Err(format!(
+                "--lease-ttl ({:?}) must be larger than --heartbeat-interval ({:?}), or the lease lapses between refreshes",
+                self.lease_ttl, self.heartbeat_interval
+            ));
+        }
+        if let Some(a) = &self.advertise {
+            if a.len() > 256 || !a.contains(':') {
+                return Err(format!("--advertise {a:?} must be host:port"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = args.validate() {
+        eprintln!("tether-head: invalid configuration: {e}");
+        std::process::exit(2);
+    }
+    tether::telemetry::init(args.common.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| {
+            eprintln!("tether-head: cannot start the runtime: {e}");
+            std::process::exit(1);
+        });
+    let code = runtime.block_on(run::run(args));
+    std::process::exit(code);
+}

@@ -1,0 +1,322 @@
+//! `HeadService`: adopts workers (`Reassign`), holds their heartbeat
+//! streams, and lists them.
+//!
+//! Each stream has one task. It wakes on the head's shared beat timer, on
+//! the worker's beats, on the worker going away, on being replaced by a
+//! newer stream of the same worker, and on shutdown; it never sleeps on a
+//! timer of its own.
+
+use crate::attached::{Attached, Stream};
+use crate::beat::Tick;
+use crate::lease::LeaseState;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tether::config::validate_id;
+use tether::pb::head_service_server::HeadService;
+use tether::pb::{
+    HeadBeat, ListWorkersRequest, ListWorkersResponse, ReassignReason, ReassignRequest,
+    ReassignResponse, WorkerBeat,
+};
+use tether::registry::{now_ms, Registry, RegistryError};
+use tether::shutdown::Shutdown;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+/// The longest `worker_addr` a worker may report.
+const MAX_ADDR_LEN: usize = 256;
+
+/// The response stream of `Heartbeat`.
+pub type BeatStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<HeadBeat, Status>> + Send>>;
+
+/// What the head service needs to know about its own head.
+#[derive(Debug, Clone)]
+pub struct HeadConfig {
+    /// This head's id.
+    pub id: String,
+    /// How often beats go out.
+    pub interval: Duration,
+    /// Silence after which a worker counts as gone.
+    pub timeout: Duration,
+    /// The lease TTL, also the TTL of this head's worker set.
+    pub lease_ttl: Duration,
+}
+
+/// The `HeadService` implementation. Cheap to clone.
+#[derive(Clone)]
+pub struct HeadSvc {
+    cfg: Arc<HeadConfig>,
+    registry: Registry,
+    attached: Arc<Attached>,
+    lease: Arc<LeaseState>,
+    ticks: watch::Receiver<Tick>,
+    /// Triggered first at shutdown: refuse new workers and streams.
+    stopping: Shutdown,
+    /// Triggered once the head left the registry: end every stream.
+    closing: Shutdown,
+}
+
+impl HeadSvc {
+    /// A service for the head described by `cfg`.
+    pub fn new(
+        cfg: HeadConfig,
+        registry: Registry,
+        attached: Arc<Attached>,
+        lease: Arc<LeaseState>,
+        ticks: watch::Receiver<Tick>,
+        stopping: Shutdown,
+        closing: Shutdown,
+    ) -> Self {
+        Self {
+            cfg: Arc::new(cfg),
+            registry,
+            attached,
+            lease,
+            ticks,
+            stopping,
+            closing,
+        }
+    }
+
+    fn refuse_if_stopping(&self) -> Result<(), Status> {
+        if self.stopping.is_triggered() {
+            return Err(Status::unavailable(format!(
+                "head {} is shutting down; choose another head",
+                self.cfg.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks the first `WorkerBeat` of a stream against the assignment in
+    /// Redis. Returns the worker's address on success.
+    async fn check_assignment(&self, first: &WorkerBeat) -> Result<String, Status> {
+        let current = self
+            .registry
+            .assignment(&first.worker_id)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot check the assignment: {e}")))?;
+        let me = &self.cfg.id;
+        match current {
+            None => Err(Status::failed_precondition(format!(
+                "worker {:?} has no assignment; call Reassign first",
+                first.worker_id
+            ))),
+            Some(a) if a.head_id != *me => Err(Status::failed_precondition(format!(
+                "worker {:?} is assigned to head {:?} (epoch {}), not to this head {me:?}",
+                first.worker_id, a.head_id, a.epoch
+            ))),
+            Some(a) if a.epoch != first.epoch => Err(Status::failed_precondition(format!(
+                "epoch {} of worker {:?} is not its current epoch {}; call Reassign again",
+                first.epoch, first.worker_id, a.epoch
+            ))),
+            Some(a) => Ok(a.addr),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl HeadService for HeadSvc {
+    #[tracing::instrument(skip_all, fields(worker = %request.get_ref().worker_id))]
+    async fn reassign(
+        &self,
+        request: Request<ReassignRequest>,
+    ) -> Result<Response<ReassignResponse>, Status> {
+        let req = request.into_inner();
+        validate_id("worker_id", &req.worker_id).map_err(Status::invalid_argument)?;
+        if req.worker_addr.len() > MAX_ADDR_LEN {
+            return Err(Status::invalid_argument(format!(
+                "worker_addr is {} bytes long; the limit is {MAX_ADDR_LEN}",
+                req.worker_addr.len()
+            )));
+        }
+        if req.previous_head_id.len() > tether::config::MAX_ID_LEN {
+            return Err(Status::invalid_argument(format!(
+                "previous_head_id is {} bytes long; the limit is {}",
+                req.previous_head_id.len(),
+                tether::config::MAX_ID_LEN
+            )));
+        }
+        self.refuse_if_stopping()?;
+        if !self.lease.held() {
+            return Err(Status::unavailable(format!(
+                "head {} is not registered right now (registry unreachable or lease lost); choose another head",
+                self.cfg.id
+            )));
+        }
+        let epoch = self
+            .registry
+            .assign(&self.cfg.id, &req.worker_id, &req.worker_addr, self.cfg.lease_ttl)
+            .await
+            .map_err(|e| match e {
+                RegistryError::NoLease => Status::unavailable(format!(
+                    "head {} is not registered (its lease is missing); choose another head",
+                    self.cfg.id
+                )),
+                other => Status::unavailable(format!("cannot record the assignment: {other}")),
+            })?;
+        let reason = ReassignReason::try_from(req.reason).unwrap_or(ReassignReason::Unspecified);
+        info!(
+            previous = %req.previous_head_id,
+            reason = reason.as_str_name(),
+            epoch,
+            "adopted worker"
+        );
+        Ok(Response::new(ReassignResponse {
+            head_id: self.cfg.id.clone(),
+            epoch,
+            heartbeat_interval_ms: millis(self.cfg.interval),
+            heartbeat_timeout_ms: millis(self.cfg.timeout),
+        }))
+    }
+
+    type HeartbeatStream = BeatStream;
+
+    async fn heartbeat(
+        &self,
+        request: Request<Streaming<WorkerBeat>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        self.refuse_if_stopping()?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(self.cfg.timeout, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no first WorkerBeat within {:?}",
+                    self.cfg.timeout
+                ))
+            })??
+            .ok_or_else(|| Status::invalid_argument("the stream ended before its first WorkerBeat"))?;
+        validate_id("worker_id", &first.worker_id).map_err(Status::invalid_argument)?;
+        let worker_addr = self.check_assignment(&first).await?;
+        let stream = self
+            .attached
+            .insert(first.worker_id.clone(), first.epoch, worker_addr, now_ms());
+        stream.record(first.sequence, first.load, now_ms());
+        debug!(worker = %first.worker_id, epoch = first.epoch, "stream open");
+
+        // Two slots: the first beat and one tick. A worker that stops
+        // reading fills them; further beats are dropped, never queued.
+        let (tx, rx) = mpsc::channel(2);
+        let task = StreamTask {
+            svc: self.clone(),
+            stream,
+            inbound,
+            tx,
+        };
+        tokio::spawn(task.run());
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as BeatStream))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
+        Ok(Response::new(ListWorkersResponse {
+            head_id: self.cfg.id.clone(),
+            workers: self.attached.list(),
+        }))
+    }
+}
+
+/// How a stream ended, which decides whether its assignment is released.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// The worker closed the stream or went silent: release the assignment
+    /// (unless a newer one replaced it, which the release script checks).
+    WorkerGone,
+    /// A newer stream of the same worker took over: keep the assignment.
+    Replaced,
+    /// The head is stopping: workers will reassign themselves.
+    HeadStopping,
+}
+
+/// The task that serves one `Heartbeat` stream.
+struct StreamTask {
+    svc: HeadSvc,
+    stream: Arc<Stream>,
+    inbound: Streaming<WorkerBeat>,
+    tx: mpsc::Sender<Result<HeadBeat, Status>>,
+}
+
+impl StreamTask {
+    async fn run(mut self) {
+        let end = self.serve().await;
+        self.svc.attached.remove(&self.stream);
+        let s = &self.stream;
+        debug!(worker = %s.worker_id, epoch = s.epoch, ?end, "stream closed");
+        if end == End::WorkerGone {
+            if let Err(e) = self.svc.registry.release(&self.svc.cfg.id, &s.worker_id, s.epoch).await {
+                debug!(worker = %s.worker_id, error = %e, "could not release the assignment");
+            }
+        }
+    }
+
+    async fn serve(&mut self) -> End {
+        let mut ticks = self.svc.ticks.clone();
+        let mut shutdown = self.svc.closing.clone();
+        let timeout_ms = millis(self.svc.cfg.timeout) as i64;
+        // The first beat goes out at once: a moving worker counts as
+        // attached from its first HeadBeat, so it must not wait a tick.
+        let first = *ticks.borrow_and_update();
+        if self.tx.try_send(Ok(self.beat(first))).is_err() {
+            return End::WorkerGone;
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => {
+                    let _ = self.tx.try_send(Err(Status::unavailable(format!(
+                        "head {} is shutting down; reassign to another head", self.svc.cfg.id
+                    ))));
+                    return End::HeadStopping;
+                }
+                _ = self.stream.replaced.notified() => {
+                    let _ = self.tx.try_send(Err(Status::aborted(
+                        "a newer Heartbeat stream of this worker replaced this one",
+                    )));
+                    return End::Replaced;
+                }
+                _ = self.tx.closed() => return End::WorkerGone,
+                changed = ticks.changed() => {
+                    if changed.is_err() {
+                        return End::HeadStopping;
+                    }
+                    let tick = *ticks.borrow_and_update();
+                    if tick.at_ms - self.stream.last_beat_ms() > timeout_ms {
+                        warn!(worker = %self.stream.worker_id, "no WorkerBeat within the heartbeat timeout; closing its stream");
+                        let _ = self.tx.try_send(Err(Status::deadline_exceeded(format!(
+                            "no WorkerBeat within {:?}", self.svc.cfg.timeout
+                        ))));
+                        return End::WorkerGone;
+                    }
+                    match self.tx.try_send(Ok(self.beat(tick))) {
+                        Ok(()) => {}
+                        // The worker is not reading; it will miss this beat
+                        // and, if it stays stuck, time out and move.
+                        Err(mpsc::error::TrySendError::Full(_)) => {}
+                        Err(mpsc::error::TrySendError::Closed(_)) => return End::WorkerGone,
+                    }
+                }
+                message = self.inbound.message() => match message {
+                    Ok(Some(beat)) => self.stream.record(beat.sequence, beat.load, now_ms()),
+                    Ok(None) | Err(_) => return End::WorkerGone,
+                },
+            }
+        }
+    }
+
+    fn beat(&self, tick: Tick) -> HeadBeat {
+        HeadBeat {
+            head_id: self.svc.cfg.id.clone(),
+            sequence: tick.sequence,
+            sent_at_ms: now_ms(),
+            epoch: self.stream.epoch,
+        }
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}

@@ -1,0 +1,78 @@
+//! `tether-worker`: stays attached to one live head, moves when it is
+//! lost, and serves `WorkerService` so operators can see where it is. This
+//! file only parses configuration and wires the process.
+
+mod run;
+mod status;
+
+use clap::Parser;
+use std::time::Duration;
+use tether::config::{parse_duration, parse_id, CommonArgs};
+
+/// A Tether worker: holds a heartbeat stream to one live head.
+///
+/// The heartbeat interval and timeout are not set here: every head tells
+/// its workers the values to use, so one cluster has one policy.
+#[derive(Debug, Parser)]
+#[command(name = "tether-worker", version, about, long_about = None)]
+pub struct Args {
+    /// This worker's id, unique in the cluster: 1 to 128 printable bytes
+    /// [default: worker-HOSTNAME-PID].
+    #[arg(long, env = "TETHER_ID", value_parser = parse_id)]
+    pub id: Option<String>,
+
+    /// Address to serve gRPC on (WorkerService, health, reflection).
+    #[arg(long, env = "TETHER_LISTEN", default_value = "0.0.0.0:7071")]
+    pub listen: std::net::SocketAddr,
+
+    /// Address operators should dial to reach this worker, as host:port
+    /// [default: the listen address, or 127.0.0.1:PORT on a wildcard].
+    #[arg(long, env = "TETHER_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// Bound on dialing a head and on each call to it.
+    #[arg(long, env = "TETHER_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Largest delay between attempts while no head accepts the worker.
+    #[arg(long, env = "TETHER_MAX_BACKOFF", default_value = "5s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+impl Args {
+    fn validate(&self) -> Result<(), String> {
+        if self.connect_timeout.is_zero() {
+            return Err("--connect-timeout must be larger than 0".into());
+        }
+        if self.max_backoff < Duration::from_millis(100) {
+            return Err("--max-backoff must be at least 100ms".into());
+        }
+        if let Some(a) = &self.advertise {
+            if a.len() > 256 || !a.contains(':') {
+                return Err(format!("--advertise {a:?} must be host:port"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = args.validate() {
+        eprintln!("tether-worker: invalid configuration: {e}");
+        std::process::exit(2);
+    }
+    tether::telemetry::init(args.common.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| {
+            eprintln!("tether-worker: cannot start the runtime: {e}");
+            std::process::exit(1);
+        });
+    let code = runtime.block_on(run::run(args));
+    std::process::exit(code);
+}

@@ -1,0 +1,102 @@
+//! Wires a worker together: the attach loop, `WorkerService`, health, and
+//! a bounded shutdown.
+
+use crate::status::{self, StatusSvc};
+use crate::Args;
+use std::time::Duration;
+use tether::attach::{self, AttachConfig, Snapshot};
+use tether::config::{advertise_addr, default_id};
+use tether::pb::worker_service_server::WorkerServiceServer;
+use tether::registry::Registry;
+use tether::server::{self, MAX_MESSAGE_BYTES};
+use tether::shutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+/// Runs the worker; returns the process exit code.
+pub async fn run(args: Args) -> i32 {
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(listen = %args.listen, error = %e, "cannot listen");
+            return 1;
+        }
+    };
+    let bound = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            error!(error = %e, "cannot read the bound address");
+            return 1;
+        }
+    };
+    let (advertise, _) = advertise_addr(args.advertise.as_deref(), bound);
+    let id = args.id.clone().unwrap_or_else(|| default_id("worker"));
+    // A worker only reads the registry, one call at a time.
+    let registry = match Registry::new(&args.common.redis_url, &args.common.namespace, 2) {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot set up the registry");
+            return 2;
+        }
+    };
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    let (trigger, stop) = shutdown::channel();
+    let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::default());
+
+    let readiness = tokio::spawn(status::track_readiness(
+        snapshot_rx.clone(),
+        health.clone(),
+        stop.clone(),
+    ));
+    let attach_task = tokio::spawn(attach::run(
+        AttachConfig {
+            worker_id: id.clone(),
+            worker_addr: advertise.clone(),
+            connect_timeout: args.connect_timeout,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: args.max_backoff,
+        },
+        registry,
+        snapshot_tx,
+        stop.clone(),
+    ));
+    let status_service = WorkerServiceServer::new(StatusSvc::new(id.clone(), snapshot_rx))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut server_stop = stop.clone();
+    let mut server_task = tokio::spawn(
+        server::router(health_svc)
+            .add_service(status_service)
+            .serve_with_incoming_shutdown(server::incoming(listener), async move {
+                server_stop.wait().await;
+            }),
+    );
+    info!(worker = %id, listen = %bound, %advertise, "worker serving");
+
+    let signal = tokio::select! {
+        s = shutdown::signal() => s,
+        r = &mut server_task => {
+            error!(result = ?r, "the gRPC server stopped on its own");
+            return 1;
+        }
+    };
+    info!(worker = %id, ?signal, "shutting down");
+    trigger.trigger();
+    let graceful = async {
+        let _ = attach_task.await;
+        let _ = readiness.await;
+        let _ = server_task.await;
+    };
+    tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(5), graceful) => {
+            if r.is_err() {
+                warn!("shutdown took longer than 5s; exiting anyway");
+            }
+        }
+        s = shutdown::signal() => warn!(signal = ?s, "second signal; exiting at once"),
+    }
+    info!(worker = %id, "stopped");
+    0
+}

@@ -1,0 +1,195 @@
+//! Flag types both binaries share (durations, Redis URLs, ids) and the
+//! checks that run before anything binds, so bad configuration fails with
+//! one clear line instead of a half-started process.
+
+use std::time::Duration;
+
+/// Parses durations written like `500ms`, `2s`, `1m` or `1.5s`.
+///
+/// A bare number is rejected on purpose: `--lease-ttl 3` is ambiguous.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("'{text}' has no unit; write e.g. 500ms, 2s or 1m"))?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration; write e.g. 500ms, 2s or 1m"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("'{text}' has unknown unit '{unit}'; use ms, s, m or h")),
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 86_400.0 * 365.0 {
+        return Err(format!("'{text}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Checks that a Redis URL parses, without connecting. The error never
+/// repeats the URL, which may hold a password.
+pub fn parse_redis_url(text: &str) -> Result<String, String> {
+    use deadpool_redis::redis::IntoConnectionInfo;
+    text.into_connection_info()
+        .map(|_| text.to_owned())
+        .map_err(|_| {
+            "invalid Redis URL: expected redis://[user:password@]host[:port][/db] or rediss://...".to_owned()
+        })
+}
+
+/// The longest id a worker or head may have, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why an id is refused. The message is what a caller needs to fix it.
+pub fn validate_id(what: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(format!(
+            "{what} is {} bytes long; the limit is {MAX_ID_LEN}",
+            id.len()
+        ));
+    }
+    if let Some(c) = id.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "{what} holds a non-printable character ({:?})",
+            c
+        ));
+    }
+    Ok(())
+}
+
+/// Heartbeat timing shared by heads and workers.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How often beats are sent both ways.
+    pub heartbeat_interval: Duration,
+    /// Silence after which the other side counts as gone.
+    pub heartbeat_timeout: Duration,
+}
+
+impl Timing {
+    /// The timeout must leave room for at least one late beat, or every
+    /// jitter on the wire would look like a failure.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_interval.is_zero() {
+            return Err("--heartbeat-interval must be larger than 0".into());
+        }
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return Err(format!(
+                "--heartbeat-timeout ({:?}) must be larger than --heartbeat-interval ({:?})",
+                self.heartbeat_timeout, self.heartbeat_interval
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A default id for a process that was not given one: host name and pid,
+/// unique on a machine and readable in logs.
+pub fn default_id(prefix: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{prefix}-{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("3").unwrap_err().contains("no unit"));
+        assert!(parse_duration("3x").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("ms").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("1e400s").is_err());
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(validate_id("worker_id", "w-1").is_ok());
+        assert!(validate_id("worker_id", "").unwrap_err().contains("empty"));
+        assert!(validate_id("worker_id", &"x".repeat(129))
+            .unwrap_err()
+            .contains("129 bytes"));
+        assert!(validate_id("worker_id", "a\u{7}b")
+            .unwrap_err()
+            .contains("non-printable"));
+        assert!(validate_id("worker_id", "a b").is_err());
+    }
+
+    #[test]
+    fn redis_urls_are_checked_without_echoing_them() {
+        assert!(parse_redis_url("redis://127.0.0.1:6379").is_ok());
+        let err = parse_redis_url("http://user:secret@host").unwrap_err();
+        assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn timeout_must_exceed_interval() {
+        let t = Timing {
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(1),
+        };
+        assert!(t.validate().is_err());
+    }
+}
+
+/// Flags that heads and workers share. Parsed by the binaries (the library
+/// itself never reads flags or the environment).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Redis holding the registry. A password may be given in the URL;
+    /// it is never logged. `rediss://` for TLS.
+    #[arg(long, env = "TETHER_REDIS_URL", default_value = "redis://127.0.0.1:6379", value_parser = parse_redis_url, hide_env_values = true)]
+    pub redis_url: String,
+
+    /// Namespace of the registry keys (`{NAMESPACE}:...`), so several
+    /// clusters can share one Redis.
+    #[arg(long, env = "TETHER_NAMESPACE", default_value = "tether", value_parser = parse_namespace)]
+    pub namespace: String,
+
+    /// Log format: human-readable `text` or one JSON object per line.
+    /// The level comes from RUST_LOG (default info).
+    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
+}
+
+/// A namespace is an id that must not hold braces, which would break the
+/// hash tag.
+pub fn parse_namespace(text: &str) -> Result<String, String> {
+    validate_id("namespace", text)?;
+    if text.contains(['{', '}']) {
+        return Err("namespace must not contain '{' or '}'".into());
+    }
+    Ok(text.to_owned())
+}
+
+/// Parses an id given on the command line.
+pub fn parse_id(text: &str) -> Result<String, String> {
+    validate_id("id", text).map(|_| text.to_owned())
+}
+
+/// Resolves the address to advertise: the given one, or the bound address
+/// when it is a concrete IP. A wildcard bind (`0.0.0.0`) without
+/// `--advertise` falls back to loopback, which only works on one machine.
+pub fn advertise_addr(given: Option<&str>, bound: std::net::SocketAddr) -> (String, bool) {
+    match given {
+        Some(a) => (a.to_owned(), false),
+        None if bound.ip().is_unspecified() => (format!("127.0.0.1:{}", bound.port()), true),
+        None => (bound.to_string(), false),
+    }
+}

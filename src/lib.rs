@@ -1,0 +1,31 @@
+//! Tether keeps every worker of an elastic cluster attached to exactly one
+//! live head while heads come and go.
+//!
+//! Heads register in Redis under a lease and stream heartbeats to their
+//! workers over bidirectional gRPC streams; when a head vanishes, its
+//! workers pick another live head from the registry and move there with a
+//! `Reassign` call.
+//!
+//! # Layout
+//! - [`pb`]: the generated protocol (`proto/tether/v1/tether.proto`) and
+//!   the descriptor set that reflection serves.
+//! - [`registry`]: everything in Redis: key layout, head leases,
+//!   assignments with epochs (Lua scripts).
+//! - [`placement`]: rendezvous ordering of heads for a worker.
+//! - [`attach`]: the worker side of the protocol, shared by `tether-worker`
+//!   and the benchmark.
+//! - [`server`]: what every gRPC server shares: health, reflection, limits.
+//! - [`config`]: flag types (durations, Redis URL, ids) and validation.
+//! - [`telemetry`]: tracing set-up (text or JSON).
+//! - [`shutdown`]: signals and cancellation.
+//! - [`backoff`]: capped exponential backoff with jitter.
+
+pub mod attach;
+pub mod backoff;
+pub mod config;
+pub mod pb;
+pub mod placement;
+pub mod registry;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;

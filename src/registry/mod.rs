@@ -1,0 +1,297 @@
+//! Everything Tether keeps in Redis: head leases, worker assignments with
+//! their epochs, and the reads workers make to find a head. No other
+//! module talks to Redis.
+//!
+//! Every call is bounded by a timeout, so a hung Redis shows up as an
+//! error the caller can report and retry, never as a stuck task.
+
+mod keys;
+mod scripts;
+
+pub use keys::Keys;
+
+use deadpool_redis::{redis, Pool, PoolConfig, Runtime, Timeouts};
+use std::future::Future;
+use std::time::Duration;
+
+/// Why a registry call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// Redis could not be reached or did not answer in time.
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    /// The head asked to assign a worker holds no lease (it expired, or
+    /// the head never registered).
+    #[error("this head holds no lease in the registry")]
+    NoLease,
+    /// Redis answered with something this version does not understand.
+    #[error("unexpected registry reply: {0}")]
+    Protocol(String),
+}
+
+/// A result of a registry call.
+pub type Result<T> = std::result::Result<T, RegistryError>;
+
+/// A live head as the registry sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadEntry {
+    /// The head's id.
+    pub id: String,
+    /// The address workers dial.
+    pub addr: String,
+    /// `ready` or `draining`.
+    pub state: String,
+    /// How many workers Redis counts as assigned to it.
+    pub assigned: u64,
+}
+
+/// A worker's current assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// The head the worker is assigned to.
+    pub head_id: String,
+    /// The assignment's epoch.
+    pub epoch: u64,
+    /// When it was made, Unix milliseconds.
+    pub since_ms: i64,
+    /// The address the worker reported in `Reassign`.
+    pub addr: String,
+}
+
+/// What a head writes into its lease.
+#[derive(Debug, Clone)]
+pub struct LeaseInfo {
+    /// The head's id.
+    pub head_id: String,
+    /// The address workers should dial.
+    pub addr: String,
+    /// How long the lease lives without a refresh.
+    pub ttl: Duration,
+    /// When the head started, Unix milliseconds.
+    pub started_ms: i64,
+}
+
+/// A handle to the registry: a connection pool and the key layout.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    pool: Pool,
+    keys: Keys,
+    op_timeout: Duration,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The pool holds the URL and thus maybe a password: never print it.
+        f.debug_struct("Registry").field("keys", &self.keys).finish()
+    }
+}
+
+/// The current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Registry {
+    /// A registry on `url` under `namespace`. Does not connect yet: the
+    /// first call does, so a process may start before Redis.
+    pub fn new(url: &str, namespace: &str, pool_size: usize) -> Result<Self> {
+        let op_timeout = Duration::from_secs(2);
+        let mut cfg = deadpool_redis::Config::from_url(url);
+        cfg.pool = Some(PoolConfig {
+            max_size: pool_size.max(1),
+            timeouts: Timeouts {
+                wait: Some(op_timeout),
+                create: Some(op_timeout),
+                recycle: Some(op_timeout),
+            },
+            ..PoolConfig::default()
+        });
+        let pool = cfg
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|_| RegistryError::Protocol("invalid Redis URL".into()))?;
+        Ok(Self {
+            pool,
+            keys: Keys::new(namespace),
+            op_timeout,
+        })
+    }
+
+    /// The key layout in use.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Runs one Redis operation on a pooled connection, bounded by the
+    /// operation timeout.
+    async fn with_conn<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let work = async {
+            let conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+            op(conn).await.map_err(classify)
+        };
+        tokio::time::timeout(self.op_timeout, work)
+            .await
+            .map_err(|_| RegistryError::Unavailable("timed out".into()))?
+    }
+
+    /// Checks that Redis answers.
+    pub async fn ping(&self) -> Result<()> {
+        self.with_conn(|mut c| async move {
+            redis::cmd("PING").query_async::<String>(&mut c).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Creates or refreshes a head's lease, marked `state` (`ready` or
+    /// `draining`). Returns false if the lease had expired (or never
+    /// existed) before this call.
+    pub async fn refresh_lease(&self, lease: &LeaseInfo, state: &str) -> Result<bool> {
+        let k = &self.keys;
+        let mut inv = scripts::REFRESH_LEASE.prepare_invoke();
+        inv.key(k.head(&lease.head_id))
+            .key(k.heads())
+            .key(k.workers_of(&lease.head_id))
+            .arg(&lease.head_id)
+            .arg(&lease.addr)
+            .arg(lease.ttl.as_millis() as u64)
+            .arg(lease.started_ms)
+            .arg(state);
+        self.with_conn(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+            .await
+            .map(|existed| existed == 1)
+    }
+
+    /// Removes a head's lease and worker set at once.
+    pub async fn deregister(&self, head_id: &str) -> Result<()> {
+        let k = &self.keys;
+        let mut inv = scripts::DEREGISTER.prepare_invoke();
+        inv.key(k.head(head_id))
+            .key(k.heads())
+            .key(k.workers_of(head_id))
+            .arg(head_id);
+        self.with_conn(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// The heads whose lease is live, sorted by id.
+    pub async fn live_heads(&self) -> Result<Vec<HeadEntry>> {
+        let k = &self.keys;
+        let mut inv = scripts::LIVE_HEADS.prepare_invoke();
+        inv.key(k.heads())
+            .arg(k.head_prefix())
+            .arg(k.workers_of_prefix());
+        let flat: Vec<redis::Value> = self
+            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        let mut heads = Vec::with_capacity(flat.len() / 4);
+        for chunk in flat.chunks_exact(4) {
+            heads.push(HeadEntry {
+                id: text(&chunk[0])?,
+                addr: text(&chunk[1])?,
+                state: text(&chunk[2])?,
+                assigned: number(&chunk[3])?,
+            });
+        }
+        heads.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(heads)
+    }
+
+    /// Assigns `worker_id` to `head_id` under a new epoch, atomically, and
+    /// returns the epoch. Fails with [`RegistryError::NoLease`] when the
+    /// head's lease is gone.
+    pub async fn assign(
+        &self,
+        head_id: &str,
+        worker_id: &str,
+        worker_addr: &str,
+        lease_ttl: Duration,
+    ) -> Result<u64> {
+        let k = &self.keys;
+        let mut inv = scripts::ASSIGN.prepare_invoke();
+        inv.key(k.head(head_id))
+            .key(k.worker(worker_id))
+            .key(k.epoch())
+            .key(k.workers_of(head_id))
+            .arg(head_id)
+            .arg(worker_id)
+            .arg(now_ms())
+            .arg(worker_addr)
+            .arg(k.workers_of_prefix())
+            .arg(lease_ttl.as_millis() as u64);
+        self.with_conn(|mut c| async move { inv.invoke_async::<u64>(&mut c).await })
+            .await
+    }
+
+    /// The worker's current assignment, if it has one.
+    pub async fn assignment(&self, worker_id: &str) -> Result<Option<Assignment>> {
+        let key = self.keys.worker(worker_id);
+        type Fields = (Option<String>, Option<u64>, Option<i64>, Option<String>);
+        let (head, epoch, since, addr): Fields = self
+            .with_conn(|mut c| async move {
+                redis::cmd("HMGET")
+                    .arg(key)
+                    .arg("head")
+                    .arg("epoch")
+                    .arg("since_ms")
+                    .arg("addr")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(match (head, epoch) {
+            (Some(head_id), Some(epoch)) => Some(Assignment {
+                head_id,
+                epoch,
+                since_ms: since.unwrap_or(0),
+                addr: addr.unwrap_or_default(),
+            }),
+            _ => None,
+        })
+    }
+
+    /// Drops the worker's assignment if it is still `head_id`'s at
+    /// `epoch`. Returns whether it did.
+    pub async fn release(&self, head_id: &str, worker_id: &str, epoch: u64) -> Result<bool> {
+        let k = &self.keys;
+        let mut inv = scripts::RELEASE.prepare_invoke();
+        inv.key(k.worker(worker_id))
+            .key(k.workers_of(head_id))
+            .arg(head_id)
+            .arg(epoch)
+            .arg(worker_id);
+        self.with_conn(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+            .await
+            .map(|n| n == 1)
+    }
+}
+
+fn classify(e: redis::RedisError) -> RegistryError {
+    if e.code() == Some("NOLEASE") {
+        RegistryError::NoLease
+    } else if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        RegistryError::Unavailable(e.to_string())
+    } else {
+        RegistryError::Protocol(e.to_string())
+    }
+}
+
+fn text(v: &redis::Value) -> Result<String> {
+    redis::from_redis_value_ref::<String>(v).map_err(|e| RegistryError::Protocol(e.to_string()))
+}
+
+fn number(v: &redis::Value) -> Result<u64> {
+    redis::from_redis_value_ref::<u64>(v).map_err(|e| RegistryError::Protocol(e.to_string()))
+}
