@@ -1,19 +1,29 @@
 //! The worker side of the protocol: choose a head, `Reassign`, hold the
 //! `Heartbeat` stream, notice when the head is gone, and move.
 //!
+//! Moves come in two kinds. When the head is lost (stream broken, beats
+//! stopped) the worker is unattached until another head adopts it
+//! (break-before-make: there is nothing left to keep). When the head asks
+//! the worker to move (`Redirect`: drain or rebalance) the worker opens the
+//! new stream first and closes the old one only once the new head beats
+//! (make-before-break), so it misses no beat.
+//!
 //! It lives in the library so that `tether-worker` and the benchmark's
 //! simulated workers behave exactly alike.
 
 use crate::backoff::{Backoff, Jitter};
 use crate::pb::head_service_client::HeadServiceClient;
-use crate::pb::{HeadBeat, ReassignReason, ReassignRequest, WorkerBeat};
+use crate::pb::{HeadBeat, ReassignReason, ReassignRequest, Redirect, RedirectReason, WorkerBeat};
 use crate::placement;
 use crate::registry::{HeadEntry, Registry};
 use crate::shutdown::Shutdown;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+use tonic::Streaming;
 use tracing::{debug, info, warn};
 
 /// How a worker attaches. The heartbeat timing is not here: each head
@@ -47,6 +57,9 @@ pub struct Snapshot {
     pub reassignments: u64,
     /// When the last `HeadBeat` arrived.
     pub last_head_beat: Option<Instant>,
+    /// The longest gap between two `HeadBeat`s since the worker last went
+    /// from unattached to attached (handoffs do not reset it).
+    pub max_beat_gap: Duration,
     /// When the current attachment began (its first `HeadBeat`), Unix ms.
     pub attached_since_ms: i64,
     /// When the current attachment began, for measuring moves.
@@ -55,19 +68,42 @@ pub struct Snapshot {
     pub lost_at: Option<Instant>,
 }
 
-/// Why holding a stream ended.
-enum Ended {
-    Shutdown,
-    Lost { reason: String },
-}
-
-/// A head that accepted the worker.
-struct Session {
+/// An open, beating stream to one head.
+struct Link {
     head: HeadEntry,
-    channel: Channel,
     epoch: u64,
     interval: Duration,
     timeout: Duration,
+    tx: mpsc::Sender<WorkerBeat>,
+    inbound: Streaming<HeadBeat>,
+}
+
+/// Why holding a stream ended.
+enum Ended {
+    Shutdown,
+    Lost {
+        head_id: String,
+        reason: String,
+        /// The stream broke (rather than went silent): worth one retry on
+        /// the same head if it is still registered.
+        retry_same: bool,
+        timeout: Duration,
+    },
+}
+
+/// Which heads one attempt tries, in order.
+struct Attempt<'a> {
+    /// Tried first: a redirect's suggestion, or the head just lost.
+    prefer: Option<HeadEntry>,
+    /// Try `prefer` only if the registry still lists it.
+    prefer_if_listed: bool,
+    /// Try nothing but `prefer`.
+    only_prefer: bool,
+    /// Never try this head (the one being left).
+    skip: Option<&'a str>,
+    /// Reported to the head as the previous one.
+    previous: Option<&'a str>,
+    reason: ReassignReason,
 }
 
 /// Runs the attach loop of one worker until `shutdown`. Never returns on
@@ -81,42 +117,58 @@ pub async fn run(
     let seed = placement::hash_str(&cfg.worker_id);
     let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_max, seed);
     let mut jitter = Jitter::new(seed);
-    // The head we just lost stays excluded for a while: its lease may
-    // outlive it by up to one TTL.
-    let mut excluded: Option<(String, Instant)> = None;
+    // The head just lost: excluded for a while (its lease may outlive it),
+    // or retried once first if its stream merely broke.
+    let mut lost: Option<(String, Instant, bool)> = None;
     let mut previous: Option<String> = None;
-    let mut attempts_failed = 0u32;
+    let mut failures = 0u32;
     loop {
         if shutdown.is_triggered() {
             return;
         }
-        let skip = excluded
+        let fresh_loss = lost
             .as_ref()
-            .filter(|(_, until)| Instant::now() < *until)
-            .map(|(id, _)| id.as_str());
-        let reason = match &previous {
-            None => ReassignReason::Startup,
-            Some(_) => ReassignReason::HeadLost,
+            .filter(|(_, until, _)| Instant::now() < *until);
+        let (skip, prefer) = match fresh_loss {
+            Some((id, _, true)) if failures == 0 => (None, Some(id.clone())),
+            Some((id, _, _)) => (Some(id.as_str()), None),
+            None => (None, None),
         };
-        let session = tokio::select! {
-            s = choose(&cfg, &registry, skip, previous.as_deref(), reason) => s,
+        let attempt = Attempt {
+            prefer: prefer.map(|id| HeadEntry {
+                id,
+                addr: String::new(),
+                state: "ready".into(),
+                assigned: 0,
+            }),
+            prefer_if_listed: true,
+            only_prefer: false,
+            skip,
+            previous: previous.as_deref(),
+            reason: match &previous {
+                None => ReassignReason::Startup,
+                Some(_) => ReassignReason::HeadLost,
+            },
+        };
+        let link = tokio::select! {
+            l = establish(&cfg, &registry, attempt) => l,
             _ = shutdown.wait() => return,
         };
-        let session = match session {
-            Ok(s) => s,
+        let link = match link {
+            Ok(l) => l,
             Err(why) => {
-                attempts_failed += 1;
+                failures += 1;
                 let delay = backoff.next_delay();
                 // The first failures are normal during a failover; keep
                 // the log calm until it persists.
-                if attempts_failed >= 3 {
-                    warn!(worker = %cfg.worker_id, attempts = attempts_failed, retry_in = ?delay, "no head available: {why}");
+                if failures >= 3 {
+                    warn!(worker = %cfg.worker_id, attempts = failures, retry_in = ?delay, "no head available: {why}");
                 } else {
                     debug!(worker = %cfg.worker_id, retry_in = ?delay, "no head available: {why}");
                 }
-                if attempts_failed > 1 {
-                    // Past the first retry, the excluded head may be back.
-                    excluded = None;
+                if failures > 1 {
+                    // Past the first retry, the lost head may be back.
+                    lost = None;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => continue,
@@ -124,21 +176,26 @@ pub async fn run(
                 }
             }
         };
-        attempts_failed = 0;
-        let head_id = session.head.id.clone();
-        let timeout = session.timeout;
-        match hold(&cfg, session, &status, &mut shutdown).await {
+        failures = 0;
+        backoff.reset();
+        publish_attached(&status, &link, true);
+        info!(worker = %cfg.worker_id, head = %link.head.id, epoch = link.epoch, "attached");
+        match hold(&cfg, &registry, link, &status, &mut shutdown).await {
             Ended::Shutdown => return,
-            Ended::Lost { reason } => {
+            Ended::Lost {
+                head_id,
+                reason,
+                retry_same,
+                timeout,
+            } => {
                 let now = Instant::now();
                 status.send_modify(|s| {
                     s.attached = false;
                     s.lost_at = Some(now);
                 });
                 warn!(worker = %cfg.worker_id, head = %head_id, %reason, "lost head; moving");
-                excluded = Some((head_id.clone(), now + timeout));
+                lost = Some((head_id.clone(), now + timeout, retry_same));
                 previous = Some(head_id);
-                backoff.reset();
                 // A small jitter keeps the workers of one dead head from
                 // hitting the registry and the survivors in one burst.
                 let spread = jitter.up_to(Duration::from_millis(20));
@@ -151,46 +208,100 @@ pub async fn run(
     }
 }
 
-/// Reads the live heads and asks them, best first, to adopt the worker.
-async fn choose(
+/// Records a new attachment. `from_unattached` resets the gap measure; a
+/// handoff keeps it, so a gap during the handoff shows.
+fn publish_attached(status: &watch::Sender<Snapshot>, link: &Link, from_unattached: bool) {
+    let now = Instant::now();
+    status.send_modify(|s| {
+        if !s.head_id.is_empty() {
+            s.reassignments += 1;
+        }
+        if from_unattached {
+            s.max_beat_gap = Duration::ZERO;
+        } else if let Some(last) = s.last_head_beat {
+            s.max_beat_gap = s.max_beat_gap.max(now.duration_since(last));
+        }
+        s.head_id = link.head.id.clone();
+        s.head_addr = link.head.addr.clone();
+        s.epoch = link.epoch;
+        s.attached = true;
+        s.attached_since_ms = crate::registry::now_ms();
+        s.attached_at = Some(now);
+        s.last_head_beat = Some(now);
+    });
+}
+
+/// Tries the heads of `attempt` in order until one adopts the worker and
+/// beats on a new stream.
+async fn establish(
     cfg: &AttachConfig,
     registry: &Registry,
-    skip: Option<&str>,
-    previous: Option<&str>,
-    reason: ReassignReason,
-) -> Result<Session, String> {
-    let heads = registry
-        .live_heads()
-        .await
-        .map_err(|e| format!("cannot read the registry: {e}"))?;
-    let candidates: Vec<HeadEntry> = heads
-        .into_iter()
-        .filter(|h| h.state != "draining" && Some(h.id.as_str()) != skip)
-        .collect();
-    if candidates.is_empty() {
+    attempt: Attempt<'_>,
+) -> Result<Link, String> {
+    let mut order: Vec<HeadEntry> = Vec::new();
+    let needs_registry = !attempt.only_prefer || attempt.prefer_if_listed;
+    let listed = if needs_registry {
+        registry
+            .live_heads()
+            .await
+            .map_err(|e| format!("cannot read the registry: {e}"))?
+    } else {
+        Vec::new()
+    };
+    if let Some(p) = &attempt.prefer {
+        if attempt.prefer_if_listed {
+            if let Some(h) = listed
+                .iter()
+                .find(|h| h.id == p.id && h.state != "draining")
+            {
+                order.push(h.clone());
+            }
+        } else {
+            order.push(p.clone());
+        }
+    }
+    if !attempt.only_prefer {
+        let candidates: Vec<HeadEntry> = listed
+            .into_iter()
+            .filter(|h| {
+                h.state != "draining"
+                    && Some(h.id.as_str()) != attempt.skip
+                    && !order.iter().any(|o| o.id == h.id)
+            })
+            .collect();
+        order.extend(
+            placement::rendezvous_order(&cfg.worker_id, &candidates, |h| h.id.as_str())
+                .into_iter()
+                .cloned(),
+        );
+    }
+    if order.is_empty() {
         return Err("the registry lists no live head".into());
     }
-    let order = placement::rendezvous_order(&cfg.worker_id, &candidates, |h| h.id.as_str());
     let mut refusals = Vec::new();
     for head in order {
-        match reassign(cfg, head, previous, reason).await {
-            Ok(session) => return Ok(session),
+        match open(cfg, &head, attempt.previous, attempt.reason).await {
+            Ok(link) => return Ok(link),
             Err(e) => {
                 debug!(worker = %cfg.worker_id, head = %head.id, error = %e, "head refused");
                 refusals.push(format!("{}: {e}", head.id));
             }
         }
     }
-    Err(format!("every live head refused ({})", refusals.join("; ")))
+    Err(format!(
+        "every head tried refused ({})",
+        refusals.join("; ")
+    ))
 }
 
-/// Dials one head and calls `Reassign` on it.
-async fn reassign(
+/// Dials one head, calls `Reassign`, opens `Heartbeat` and waits for the
+/// head's first beat.
+async fn open(
     cfg: &AttachConfig,
     head: &HeadEntry,
     previous: Option<&str>,
     reason: ReassignReason,
-) -> Result<Session, String> {
+) -> Result<Link, String> {
     let channel = Endpoint::from_shared(format!("http://{}", head.addr))
         .map_err(|e| format!("bad address {:?}: {e}", head.addr))?
         .connect_timeout(cfg.connect_timeout)
@@ -198,7 +309,7 @@ async fn reassign(
         .connect()
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", head.addr))?;
-    let mut client = HeadServiceClient::new(channel.clone());
+    let mut client = HeadServiceClient::new(channel);
     let mut request = tonic::Request::new(ReassignRequest {
         worker_id: cfg.worker_id.clone(),
         worker_addr: cfg.worker_addr.clone(),
@@ -219,29 +330,8 @@ async fn reassign(
     }
     let interval = Duration::from_millis(u64::from(answer.heartbeat_interval_ms.max(1)));
     let timeout = Duration::from_millis(u64::from(answer.heartbeat_timeout_ms)).max(interval * 2);
-    Ok(Session {
-        head: head.clone(),
-        channel,
-        epoch: answer.epoch,
-        interval,
-        timeout,
-    })
-}
+    let epoch = answer.epoch;
 
-/// Holds the `Heartbeat` stream until the head is lost or shutdown.
-async fn hold(
-    cfg: &AttachConfig,
-    session: Session,
-    status: &watch::Sender<Snapshot>,
-    shutdown: &mut Shutdown,
-) -> Ended {
-    let Session {
-        head,
-        channel,
-        epoch,
-        interval,
-        timeout,
-    } = session;
     // Two slots: the first beat, and one tick. If the head stops reading,
     // beats are dropped rather than queued.
     let (tx, rx) = mpsc::channel::<WorkerBeat>(2);
@@ -251,77 +341,167 @@ async fn hold(
         sequence: 0,
         load: None,
     });
-    let mut client = HeadServiceClient::new(channel);
-    let opened = tokio::select! {
-        r = tokio::time::timeout(timeout, client.heartbeat(ReceiverStream::new(rx))) => r,
-        _ = shutdown.wait() => return Ended::Shutdown,
-    };
-    let mut inbound = match opened {
-        Err(_) => return lost("the stream did not open within the heartbeat timeout"),
-        Ok(Err(status)) => {
-            return lost(format!(
-                "stream refused: {:?}: {}",
-                status.code(),
-                status.message()
-            ))
+    let first = async {
+        let response = client
+            .heartbeat(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("stream refused: {:?}: {}", s.code(), s.message()))?;
+        let mut inbound = response.into_inner();
+        match inbound.message().await {
+            Ok(Some(beat)) => match mismatch(&beat, &head.id, epoch) {
+                Some(why) => Err(why),
+                None => Ok(inbound),
+            },
+            Ok(None) => Err("the head ended the stream before its first beat".to_owned()),
+            Err(s) => Err(format!("stream error: {:?}: {}", s.code(), s.message())),
         }
-        Ok(Ok(response)) => response.into_inner(),
     };
-    let deadline = tokio::time::sleep(timeout);
+    let inbound = tokio::time::timeout(timeout, first)
+        .await
+        .map_err(|_| format!("no first HeadBeat within {timeout:?}"))??;
+    Ok(Link {
+        head: head.clone(),
+        epoch,
+        interval,
+        timeout,
+        tx,
+        inbound,
+    })
+}
+
+type Move<'a> = Pin<Box<dyn Future<Output = Result<Link, String>> + Send + 'a>>;
+
+/// Holds the stream until the head is lost or shutdown, following the
+/// head's redirects make-before-break.
+async fn hold(
+    cfg: &AttachConfig,
+    registry: &Registry,
+    mut link: Link,
+    status: &watch::Sender<Snapshot>,
+    shutdown: &mut Shutdown,
+) -> Ended {
+    let deadline = tokio::time::sleep(link.timeout);
     tokio::pin!(deadline);
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = beat_timer(link.interval);
     let mut sequence = 0u64;
-    let mut beats = 0u64;
+    let mut moving: Option<Move<'_>> = None;
+    // Set when the old stream died while a move was under way: the move
+    // decides the outcome.
+    let mut old_dead = false;
     loop {
         tokio::select! {
             _ = shutdown.wait() => return Ended::Shutdown,
-            _ = &mut deadline => return lost(format!("no HeadBeat within {timeout:?}")),
-            _ = ticks.tick() => {
+            _ = &mut deadline, if !old_dead => {
+                if moving.is_some() {
+                    old_dead = true;
+                } else {
+                    return lost(&link, format!("no HeadBeat within {:?}", link.timeout), false);
+                }
+            }
+            _ = ticks.tick(), if !old_dead => {
                 sequence += 1;
                 let beat = WorkerBeat { sequence, ..WorkerBeat::default() };
                 // Full means the head is not reading; its silence will
                 // show up as missing HeadBeats, so dropping is safe.
-                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(beat) {
-                    return lost("the stream closed");
+                let _ = link.tx.try_send(beat);
+            }
+            message = link.inbound.message(), if !old_dead => match message {
+                Ok(Some(beat)) => {
+                    if let Some(why) = mismatch(&beat, &link.head.id, link.epoch) {
+                        return lost(&link, why, false);
+                    }
+                    deadline.as_mut().reset(tokio::time::Instant::now() + link.timeout);
+                    let now = Instant::now();
+                    status.send_modify(|s| {
+                        if let Some(last) = s.last_head_beat {
+                            s.max_beat_gap = s.max_beat_gap.max(now.duration_since(last));
+                        }
+                        s.last_head_beat = Some(now);
+                    });
+                    if let (Some(redirect), None) = (beat.redirect, &moving) {
+                        info!(worker = %cfg.worker_id, head = %link.head.id, to = %redirect.suggested_head_id, reason = redirect.reason().as_str_name(), "head asks us to move");
+                        moving = Some(Box::pin(follow(cfg, registry, redirect, link.head.id.clone())));
+                    }
+                }
+                Ok(None) | Err(_) if moving.is_some() => old_dead = true,
+                Ok(None) => return lost(&link, "the head ended the stream", true),
+                Err(s) => return lost(&link, format!("stream error: {:?}: {}", s.code(), s.message()), true),
+            },
+            result = async { moving.as_mut().expect("guarded").await }, if moving.is_some() => {
+                moving = None;
+                match result {
+                    Ok(new_link) => {
+                        info!(worker = %cfg.worker_id, from = %link.head.id, to = %new_link.head.id, epoch = new_link.epoch, "moved");
+                        publish_attached(status, &new_link, false);
+                        // Dropping the old link closes the old stream, now
+                        // that the new head beats.
+                        link = new_link;
+                        old_dead = false;
+                        deadline.as_mut().reset(tokio::time::Instant::now() + link.timeout);
+                        ticks = beat_timer(link.interval);
+                        sequence = 0;
+                    }
+                    Err(e) if old_dead => return lost(&link, format!("stream lost during a move that failed: {e}"), false),
+                    Err(e) => {
+                        // Stay: a draining head asks again, a rebalance
+                        // is not worth forcing.
+                        debug!(worker = %cfg.worker_id, error = %e, "move failed; staying for now");
+                    }
                 }
             }
-            message = inbound.message() => match message {
-                Ok(Some(beat)) => {
-                    if let Some(why) = mismatch(&beat, &head.id, epoch) {
-                        return lost(why);
-                    }
-                    deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
-                    beats += 1;
-                    let now = Instant::now();
-                    if beats == 1 {
-                        status.send_modify(|s| {
-                            if !s.head_id.is_empty() {
-                                s.reassignments += 1;
-                            }
-                            s.head_id = head.id.clone();
-                            s.head_addr = head.addr.clone();
-                            s.epoch = epoch;
-                            s.attached = true;
-                            s.attached_since_ms = crate::registry::now_ms();
-                            s.attached_at = Some(now);
-                            s.last_head_beat = Some(now);
-                        });
-                        info!(worker = %cfg.worker_id, head = %head.id, epoch, "attached");
-                    } else {
-                        status.send_modify(|s| s.last_head_beat = Some(now));
-                    }
-                }
-                Ok(None) => return lost("the head ended the stream"),
-                Err(status) => return lost(format!("stream error: {:?}: {}", status.code(), status.message())),
-            },
         }
     }
 }
 
-fn lost(reason: impl Into<String>) -> Ended {
+/// Carries out a redirect: the suggested head first; for a drain, then
+/// any other head in rendezvous order.
+async fn follow(
+    cfg: &AttachConfig,
+    registry: &Registry,
+    redirect: Redirect,
+    current: String,
+) -> Result<Link, String> {
+    let draining = redirect.reason() == RedirectReason::Drain;
+    let prefer = (!redirect.suggested_head_id.is_empty()).then(|| HeadEntry {
+        id: redirect.suggested_head_id.clone(),
+        addr: redirect.suggested_head_addr.clone(),
+        state: "ready".into(),
+        assigned: 0,
+    });
+    if prefer.is_none() && !draining {
+        return Err("a rebalance without a suggested head".into());
+    }
+    establish(
+        cfg,
+        registry,
+        Attempt {
+            prefer,
+            prefer_if_listed: false,
+            only_prefer: !draining,
+            skip: Some(&current),
+            previous: Some(&current),
+            reason: if draining {
+                ReassignReason::HeadDraining
+            } else {
+                ReassignReason::Rebalance
+            },
+        },
+    )
+    .await
+}
+
+fn beat_timer(interval: Duration) -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
+}
+
+fn lost(link: &Link, reason: impl Into<String>, retry_same: bool) -> Ended {
     Ended::Lost {
+        head_id: link.head.id.clone(),
         reason: reason.into(),
+        retry_same,
+        timeout: link.timeout,
     }
 }
 
@@ -329,7 +509,10 @@ fn lost(reason: impl Into<String>) -> Ended {
 /// what the worker thinks it is; treat it as lost rather than trust it.
 fn mismatch(beat: &HeadBeat, head_id: &str, epoch: u64) -> Option<String> {
     if beat.head_id != head_id {
-        return Some(format!("beat from head {:?}, expected {head_id:?}", beat.head_id));
+        return Some(format!(
+            "beat from head {:?}, expected {head_id:?}",
+            beat.head_id
+        ));
     }
     if beat.epoch != epoch {
         return Some(format!("beat for epoch {}, expected {epoch}", beat.epoch));

@@ -21,7 +21,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        _ => return Err(format!("'{text}' has unknown unit '{unit}'; use ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "'{text}' has unknown unit '{unit}'; use ms, s, m or h"
+            ))
+        }
     };
     let secs = value * scale;
     if !secs.is_finite() || secs > 86_400.0 * 365.0 {
@@ -37,7 +41,8 @@ pub fn parse_redis_url(text: &str) -> Result<String, String> {
     text.into_connection_info()
         .map(|_| text.to_owned())
         .map_err(|_| {
-            "invalid Redis URL: expected redis://[user:password@]host[:port][/db] or rediss://...".to_owned()
+            "invalid Redis URL: expected redis://[user:password@]host[:port][/db] or rediss://..."
+                .to_owned()
         })
 }
 
@@ -56,10 +61,7 @@ pub fn validate_id(what: &str, id: &str) -> Result<(), String> {
         ));
     }
     if let Some(c) = id.chars().find(|c| c.is_control() || c.is_whitespace()) {
-        return Err(format!(
-            "{what} holds a non-printable character ({:?})",
-            c
-        ));
+        return Err(format!("{what} holds a non-printable character ({:?})", c));
     }
     Ok(())
 }

@@ -20,8 +20,16 @@ pub struct Stream {
     last_beat_ms: AtomicI64,
     last_sequence: AtomicU64,
     load_bits: AtomicU64,
-    /// Woken when a newer stream of the same worker replaces this one.
+    /// Woken when a newer stream of the same worker replaces this one, or
+    /// the worker got a newer epoch on another head.
     pub replaced: Notify,
+    /// A move the head asks of the worker, sent on the stream at once.
+    redirect: Mutex<Option<tether::pb::Redirect>>,
+    /// Wakes the stream task to send `redirect`.
+    pub redirect_ready: Notify,
+    /// When the head last redirected this worker (Unix ms; 0: never), so
+    /// one worker is not asked again and again.
+    redirected_ms: AtomicI64,
 }
 
 impl Stream {
@@ -31,6 +39,26 @@ impl Stream {
         self.last_sequence.store(sequence, Ordering::Relaxed);
         self.load_bits
             .store(load.map_or(NO_LOAD, f64::to_bits), Ordering::Relaxed);
+    }
+
+    /// Asks the worker to move; the stream task sends it at once.
+    pub fn redirect(&self, redirect: tether::pb::Redirect, now_ms: i64) {
+        *self.redirect.lock().unwrap_or_else(|e| e.into_inner()) = Some(redirect);
+        self.redirected_ms.store(now_ms, Ordering::Relaxed);
+        self.redirect_ready.notify_one();
+    }
+
+    /// The pending redirect, if any, taken once.
+    pub fn take_redirect(&self) -> Option<tether::pb::Redirect> {
+        self.redirect
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// When the worker was last redirected, Unix ms; 0 if never.
+    pub fn redirected_ms(&self) -> i64 {
+        self.redirected_ms.load(Ordering::Relaxed)
     }
 
     /// When the last beat arrived, Unix ms.
@@ -62,7 +90,13 @@ pub struct Attached {
 impl Attached {
     /// Adds a stream. A stream of the same worker already here is told to
     /// close: one worker, one stream.
-    pub fn insert(&self, worker_id: String, epoch: u64, worker_addr: String, now_ms: i64) -> Arc<Stream> {
+    pub fn insert(
+        &self,
+        worker_id: String,
+        epoch: u64,
+        worker_addr: String,
+        now_ms: i64,
+    ) -> Arc<Stream> {
         let stream = Arc::new(Stream {
             worker_id: worker_id.clone(),
             epoch,
@@ -72,6 +106,9 @@ impl Attached {
             last_sequence: AtomicU64::new(0),
             load_bits: AtomicU64::new(NO_LOAD),
             replaced: Notify::new(),
+            redirect: Mutex::new(None),
+            redirect_ready: Notify::new(),
+            redirected_ms: AtomicI64::new(0),
         });
         let old = self.lock().insert(worker_id, stream.clone());
         if let Some(old) = old {
@@ -89,6 +126,31 @@ impl Attached {
         {
             map.remove(&stream.worker_id);
         }
+    }
+
+    /// Closes the worker's stream if it carries an epoch older than
+    /// `epoch`: another head adopted the worker since (fencing).
+    pub fn fence(&self, worker_id: &str, epoch: u64) -> bool {
+        let map = self.lock();
+        match map.get(worker_id) {
+            Some(s) if s.epoch < epoch => {
+                s.replaced.notify_one();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Closes the worker's stream whatever its epoch.
+    pub fn close(&self, worker_id: &str) {
+        if let Some(s) = self.lock().get(worker_id) {
+            s.replaced.notify_one();
+        }
+    }
+
+    /// A snapshot of the open streams, for the drain and rebalance loops.
+    pub fn streams(&self) -> Vec<Arc<Stream>> {
+        self.lock().values().cloned().collect()
     }
 
     /// Every open stream, ordered by worker id.

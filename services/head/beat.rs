@@ -1,10 +1,10 @@
 //! The head's one beat timer. Every stream task watches it, so a head with
 //! ten thousand workers runs one timer, not ten thousand.
 
+use std::time::Duration;
 use tether::registry::now_ms;
 use tether::shutdown::Shutdown;
 use tokio::sync::watch;
-use std::time::Duration;
 
 /// One tick of the beat timer.
 #[derive(Debug, Clone, Copy, Default)]

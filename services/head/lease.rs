@@ -1,9 +1,11 @@
-//! Keeps this head's lease alive in Redis and reports readiness from it.
+//! Keeps this head's lease alive in Redis, applies what each refresh
+//! reports (fencing notices, a lapsed lease), and reports readiness.
 //!
 //! Readiness (`tether.v1.HeadService` in health) is SERVING only while the
-//! last refresh succeeded; liveness (`""`) is not touched here, so a Redis
-//! outage never gets every head restarted at once.
+//! lease is held and the head is not draining; liveness (`""`) is not
+//! touched here, so a Redis outage never gets every head restarted at once.
 
+use crate::attached::Attached;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,10 +15,31 @@ use tether::shutdown::Shutdown;
 use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
 
-/// Shared flag: does this head currently hold its lease?
-#[derive(Debug, Default)]
+/// What the rest of the head needs to know about its lease.
+#[derive(Debug)]
 pub struct LeaseState {
+    /// The last refresh succeeded.
     held: AtomicBool,
+    /// The head is draining: the lease says so and readiness is off.
+    draining: AtomicBool,
+    /// Set while the head knows its lease lapsed and has not yet checked
+    /// which of its workers it still owns: it sends no beat meanwhile.
+    ///
+    /// A head merely cut off from Redis keeps beating: only a worker can
+    /// move itself (and it never holds two streams beyond a handoff), so
+    /// keeping its workers is safe, and a Redis outage must not move every
+    /// worker of the cluster.
+    suspended: AtomicBool,
+}
+
+impl Default for LeaseState {
+    fn default() -> Self {
+        Self {
+            held: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            suspended: AtomicBool::new(false),
+        }
+    }
 }
 
 impl LeaseState {
@@ -24,50 +47,143 @@ impl LeaseState {
     pub fn held(&self) -> bool {
         self.held.load(Ordering::Relaxed)
     }
+
+    /// False while beats must pause (see `suspended`).
+    pub fn may_beat(&self) -> bool {
+        !self.suspended.load(Ordering::Relaxed)
+    }
+
+    /// Marks the head draining; returns false if it already was.
+    pub fn start_draining(&self) -> bool {
+        !self.draining.swap(true, Ordering::Relaxed)
+    }
+
+    /// True once the head started draining.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The state the lease advertises to workers.
+    pub fn advertised_state(&self) -> &'static str {
+        if self.draining() {
+            "draining"
+        } else {
+            "ready"
+        }
+    }
 }
 
-/// Refreshes the lease every `every` until `shutdown`. Does not deregister:
-/// the caller does that at the right moment of the shutdown sequence.
-pub async fn run(
-    registry: Registry,
-    lease: LeaseInfo,
-    every: Duration,
-    state: Arc<LeaseState>,
-    health: HealthReporter,
-    mut shutdown: Shutdown,
-) {
-    let mut failures = 0u64;
-    loop {
-        if shutdown.is_triggered() {
-            return;
+/// Sets readiness from the lease state: SERVING only while held and not
+/// draining.
+pub async fn publish_readiness(state: &LeaseState, health: &HealthReporter) {
+    if state.held() && !state.draining() {
+        health
+            .set_serving::<HeadServiceServer<crate::service::HeadSvc>>()
+            .await;
+    } else {
+        health
+            .set_not_serving::<HeadServiceServer<crate::service::HeadSvc>>()
+            .await;
+    }
+}
+
+/// The lease loop's fixed inputs.
+pub struct LeaseLoop {
+    pub registry: Registry,
+    pub lease: LeaseInfo,
+    pub every: Duration,
+    pub state: Arc<LeaseState>,
+    pub attached: Arc<Attached>,
+    pub health: HealthReporter,
+}
+
+impl LeaseLoop {
+    /// Refreshes the lease every `every` until `shutdown`. Does not
+    /// deregister: the caller does that at the right moment of shutdown.
+    pub async fn run(&self, mut shutdown: Shutdown) {
+        let mut failures = 0u64;
+        loop {
+            if shutdown.is_triggered() {
+                return;
+            }
+            self.refresh_once(&mut failures).await;
+            tokio::select! {
+                _ = tokio::time::sleep(self.every) => {}
+                _ = shutdown.wait() => return,
+            }
         }
-        match registry.refresh_lease(&lease, "ready").await {
-            Ok(existed) => {
-                let was_held = state.held.swap(true, Ordering::Relaxed);
+    }
+
+    /// One refresh, with everything it implies. Also called by the drain
+    /// so that workers see the draining state at once.
+    pub async fn refresh_once(&self, failures: &mut u64) {
+        let LeaseLoop {
+            registry,
+            lease,
+            state,
+            attached,
+            health,
+            every,
+        } = self;
+        match registry
+            .refresh_lease(lease, state.advertised_state())
+            .await
+        {
+            Ok(refresh) => {
+                let was_held = state.held.load(Ordering::Relaxed);
+                if !refresh.existed {
+                    // The lease lapsed (paused, cut off, or Redis lost its
+                    // data): other heads may have taken some workers.
+                    // Re-record the rest before beating again.
+                    let streams: Vec<(String, u64)> = attached
+                        .streams()
+                        .iter()
+                        .map(|s| (s.worker_id.clone(), s.epoch))
+                        .collect();
+                    if !streams.is_empty() {
+                        state.suspended.store(true, Ordering::Relaxed);
+                        match registry.reclaim(&lease.head_id, &streams, lease.ttl).await {
+                            Ok(stale) => {
+                                warn!(head = %lease.head_id, kept = streams.len() - stale.len(), let_go = stale.len(), "lease had lapsed; re-registered and re-recorded workers");
+                                for worker in stale {
+                                    attached.close(&worker);
+                                }
+                            }
+                            Err(e) => {
+                                // Without reclaim the head must not beat:
+                                // leave the lease unheld and retry.
+                                warn!(head = %lease.head_id, error = %e, "cannot re-record workers after a lapsed lease; retrying");
+                                state.held.store(false, Ordering::Relaxed);
+                                publish_readiness(state, health).await;
+                                return;
+                            }
+                        }
+                    } else if was_held {
+                        warn!(head = %lease.head_id, "lease had lapsed; registered again");
+                    }
+                }
+                for (worker, epoch) in &refresh.fenced {
+                    if attached.fence(worker, *epoch) {
+                        info!(head = %lease.head_id, %worker, epoch, "worker adopted elsewhere under a newer epoch; closing its stream");
+                    }
+                }
+                state.suspended.store(false, Ordering::Relaxed);
+                state.held.store(true, Ordering::Relaxed);
                 if !was_held {
                     info!(head = %lease.head_id, addr = %lease.addr, ttl = ?lease.ttl, "registered in the registry");
-                } else if !existed {
-                    warn!(head = %lease.head_id, "lease had expired (paused or cut off longer than the TTL); registered again");
                 }
-                if !was_held && !shutdown.is_triggered() {
-                    health.set_serving::<HeadServiceServer<crate::service::HeadSvc>>().await;
-                }
-                failures = 0;
+                *failures = 0;
             }
             Err(e) => {
-                failures += 1;
+                *failures += 1;
                 let was_held = state.held.swap(false, Ordering::Relaxed);
-                if was_held || failures == 1 {
+                if was_held || *failures == 1 {
                     error!(head = %lease.head_id, error = %e, "cannot refresh the lease; readiness NOT_SERVING, retrying every {every:?}");
-                    health.set_not_serving::<HeadServiceServer<crate::service::HeadSvc>>().await;
-                } else if failures % 30 == 0 {
-                    warn!(head = %lease.head_id, error = %e, failures, "registry still unreachable; retrying");
+                } else if *failures % 30 == 0 {
+                    warn!(head = %lease.head_id, error = %e, failures = *failures, "registry still unreachable; retrying");
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.wait() => return,
-        }
+        publish_readiness(state, health).await;
     }
 }

@@ -4,7 +4,9 @@
 
 mod attached;
 mod beat;
+mod drain;
 mod lease;
+mod rebalance;
 mod run;
 mod service;
 
@@ -45,10 +47,35 @@ pub struct Args {
     #[arg(long, env = "TETHER_LEASE_TTL", default_value = "3s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
 
-    /// Bound on the clean shutdown: after this long, remaining streams are
-    /// cut and the process exits.
+    /// On SIGTERM or a Drain call, how long the head waits for its workers
+    /// to move before it exits anyway. Keep Kubernetes'
+    /// terminationGracePeriodSeconds above it.
+    #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Bound on the last step of shutdown (leaving the registry, closing
+    /// streams, stopping the server), after the drain.
     #[arg(long, env = "TETHER_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// ε of bounded-load placement: no head adopts a worker while it holds
+    /// ceil((1 + ε) * W / H) or more, W the assigned workers and H the live
+    /// heads that are not draining. From 0.0 to 10.0.
+    #[arg(long, env = "TETHER_BALANCE_SLACK", default_value = "0.25", value_parser = parse_slack)]
+    pub balance_slack: f64,
+
+    /// Hard cap on the workers this head adopts; 0 for no cap.
+    #[arg(long, env = "TETHER_CAPACITY", default_value = "0")]
+    pub capacity: u64,
+
+    /// Workers per second this head may redirect to a newly joined head.
+    #[arg(long, env = "TETHER_REBALANCE_RATE", default_value = "100", value_parser = parse_rate)]
+    pub rebalance_rate: f64,
+
+    /// A worker that attached (or was redirected) more recently than this
+    /// is not redirected for rebalancing.
+    #[arg(long, env = "TETHER_REBALANCE_COOLDOWN", default_value = "10s", value_parser = parse_duration)]
+    pub rebalance_cooldown: Duration,
 
     #[command(flatten)]
     pub common: CommonArgs,
@@ -73,6 +100,22 @@ impl Args {
             }
         }
         Ok(())
+    }
+}
+
+fn parse_slack(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=10.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{text}' is not a number from 0.0 to 10.0")),
+    }
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1e6 => Ok(v),
+        _ => Err(format!(
+            "'{text}' is not a rate above 0 (workers per second)"
+        )),
     }
 }
 

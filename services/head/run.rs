@@ -1,9 +1,12 @@
-//! Wires a head together and runs it until a signal, then stops in an
-//! order that loses no worker: refuse new work, leave the registry, close
-//! the streams, stop the server, all bounded in time.
+//! Wires a head together and runs it until told to go, then leaves in an
+//! order that loses no worker: drain (redirect every worker, wait until
+//! they left), refuse new work, leave the registry, close the streams,
+//! stop the server; all bounded in time. A second signal exits at once.
 
 use crate::attached::Attached;
-use crate::lease::{self, LeaseState};
+use crate::drain::{Drain, Handoff};
+use crate::lease::{LeaseLoop, LeaseState};
+use crate::rebalance::Rebalance;
 use crate::service::{HeadConfig, HeadSvc};
 use crate::Args;
 use std::sync::Arc;
@@ -44,11 +47,12 @@ pub async fn run(args: Args) -> i32 {
             return 2;
         }
     };
+    let slack_permille = (args.balance_slack * 1000.0).round() as u32;
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_not_serving::<HeadServiceServer<HeadSvc>>().await;
 
-    // `stopping` makes the head refuse new work and stop its lease;
+    // `stopping` makes the head refuse new work and stop its loops;
     // `closing` then ends the streams. Two steps, so that workers never
     // find this head still registered after their stream closed.
     let (stopping_trigger, stopping) = shutdown::channel();
@@ -56,36 +60,56 @@ pub async fn run(args: Args) -> i32 {
 
     let ticks = crate::beat::start(args.heartbeat_interval, closing.clone());
     let lease_state = Arc::new(LeaseState::default());
-    let lease_info = LeaseInfo {
-        head_id: id.clone(),
-        addr: advertise.clone(),
-        ttl: args.lease_ttl,
-        started_ms: now_ms(),
-    };
-    let mut lease_task = tokio::spawn(lease::run(
-        registry.clone(),
-        lease_info,
-        args.heartbeat_interval,
-        lease_state.clone(),
-        health.clone(),
-        stopping.clone(),
-    ));
-
     let attached = Arc::new(Attached::default());
-    let svc = HeadSvc::new(
-        HeadConfig {
+    let drain = Arc::new(Drain::new(args.drain_timeout));
+    let lease_loop = Arc::new(LeaseLoop {
+        registry: registry.clone(),
+        lease: LeaseInfo {
+            head_id: id.clone(),
+            addr: advertise.clone(),
+            ttl: args.lease_ttl,
+            started_ms: now_ms(),
+        },
+        every: args.heartbeat_interval,
+        state: lease_state.clone(),
+        attached: attached.clone(),
+        health: health.clone(),
+    });
+    let mut lease_task = {
+        let lease_loop = lease_loop.clone();
+        let stopping = stopping.clone();
+        tokio::spawn(async move { lease_loop.run(stopping).await })
+    };
+    let rebalance_task = tokio::spawn(
+        Rebalance {
+            head_id: id.clone(),
+            registry: registry.clone(),
+            attached: attached.clone(),
+            lease: lease_state.clone(),
+            interval: args.heartbeat_interval,
+            rate: args.rebalance_rate,
+            cooldown: args.rebalance_cooldown,
+        }
+        .run(stopping.clone()),
+    );
+
+    let svc = HeadSvc {
+        cfg: Arc::new(HeadConfig {
             id: id.clone(),
             interval: args.heartbeat_interval,
             timeout: args.heartbeat_timeout,
             lease_ttl: args.lease_ttl,
-        },
-        registry.clone(),
-        attached.clone(),
-        lease_state,
+            slack_permille,
+            capacity: args.capacity,
+        }),
+        registry: registry.clone(),
+        attached: attached.clone(),
+        lease: lease_state.clone(),
+        drain: drain.clone(),
         ticks,
         stopping,
         closing,
-    );
+    };
     let head_service = HeadServiceServer::new(svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -99,8 +123,12 @@ pub async fn run(args: Args) -> i32 {
     );
     info!(head = %id, listen = %bound, %advertise, "head serving");
 
-    let signal = tokio::select! {
-        s = shutdown::signal() => s,
+    tokio::select! {
+        s = shutdown::signal() => {
+            info!(head = %id, signal = ?s, workers = attached.len(), "draining on signal");
+            drain.begin();
+        }
+        _ = drain.wait_begun() => {}
         r = &mut server_task => {
             error!(result = ?r, "the gRPC server stopped on its own");
             return 1;
@@ -111,24 +139,41 @@ pub async fn run(args: Args) -> i32 {
             error!(result = ?r, "the lease loop stopped on its own");
             return 1;
         }
-    };
-    info!(head = %id, ?signal, workers = attached.len(), "shutting down");
+    }
 
-    let graceful = async {
-        health.set_not_serving::<HeadServiceServer<HeadSvc>>().await;
+    let leave = async {
+        // Drain: advertise it at once, then hand every worker over.
+        lease_state.start_draining();
+        lease_loop.refresh_once(&mut 0).await;
+        Handoff {
+            head_id: id.clone(),
+            registry: registry.clone(),
+            attached: attached.clone(),
+            interval: args.heartbeat_interval,
+            slack_permille,
+        }
+        .run(&drain)
+        .await;
+        // Leave: refuse new work, stop the loops, deregister, close.
         stopping_trigger.trigger();
         let _ = lease_task.await;
+        let _ = rebalance_task.await;
         match registry.deregister(&id).await {
             Ok(()) => info!(head = %id, "left the registry"),
-            Err(e) => warn!(head = %id, error = %e, "could not leave the registry; the lease will expire by itself"),
+            Err(e) => {
+                warn!(head = %id, error = %e, "could not leave the registry; the lease will expire by itself")
+            }
         }
         closing_trigger.trigger();
         let _ = stop_server.send(());
-        let _ = server_task.await;
+        let _ = tokio::time::timeout(args.shutdown_timeout, server_task).await;
     };
     tokio::select! {
-        _ = tokio::time::timeout(args.shutdown_timeout, graceful) => {}
-        s = shutdown::signal() => warn!(signal = ?s, "second signal; exiting at once"),
+        _ = leave => {}
+        s = shutdown::signal() => {
+            warn!(head = %id, signal = ?s, "second signal; exiting at once");
+            return 1;
+        }
     }
     info!(head = %id, "stopped");
     0

@@ -8,6 +8,7 @@
 
 use crate::attached::{Attached, Stream};
 use crate::beat::Tick;
+use crate::drain::Drain;
 use crate::lease::LeaseState;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,10 +16,10 @@ use std::time::Duration;
 use tether::config::validate_id;
 use tether::pb::head_service_server::HeadService;
 use tether::pb::{
-    HeadBeat, ListWorkersRequest, ListWorkersResponse, ReassignReason, ReassignRequest,
-    ReassignResponse, WorkerBeat,
+    DrainRequest, DrainResponse, HeadBeat, ListWorkersRequest, ListWorkersResponse, ReassignReason,
+    ReassignRequest, ReassignResponse, WorkerBeat,
 };
-use tether::registry::{now_ms, Registry, RegistryError};
+use tether::registry::{now_ms, AssignRequest, Registry, RegistryError};
 use tether::shutdown::Shutdown;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,44 +43,32 @@ pub struct HeadConfig {
     pub timeout: Duration,
     /// The lease TTL, also the TTL of this head's worker set.
     pub lease_ttl: Duration,
+    /// ε of the load bound, in thousandths.
+    pub slack_permille: u32,
+    /// Hard cap on attached workers; 0 for none.
+    pub capacity: u64,
 }
 
 /// The `HeadService` implementation. Cheap to clone.
 #[derive(Clone)]
 pub struct HeadSvc {
-    cfg: Arc<HeadConfig>,
-    registry: Registry,
-    attached: Arc<Attached>,
-    lease: Arc<LeaseState>,
-    ticks: watch::Receiver<Tick>,
+    pub cfg: Arc<HeadConfig>,
+    pub registry: Registry,
+    /// The open streams.
+    pub attached: Arc<Attached>,
+    /// Whether the lease is held, whether the head drains.
+    pub lease: Arc<LeaseState>,
+    /// The drain switch, thrown by the `Drain` RPC.
+    pub drain: Arc<Drain>,
+    /// The head's beat timer.
+    pub ticks: watch::Receiver<Tick>,
     /// Triggered first at shutdown: refuse new workers and streams.
-    stopping: Shutdown,
+    pub stopping: Shutdown,
     /// Triggered once the head left the registry: end every stream.
-    closing: Shutdown,
+    pub closing: Shutdown,
 }
 
 impl HeadSvc {
-    /// A service for the head described by `cfg`.
-    pub fn new(
-        cfg: HeadConfig,
-        registry: Registry,
-        attached: Arc<Attached>,
-        lease: Arc<LeaseState>,
-        ticks: watch::Receiver<Tick>,
-        stopping: Shutdown,
-        closing: Shutdown,
-    ) -> Self {
-        Self {
-            cfg: Arc::new(cfg),
-            registry,
-            attached,
-            lease,
-            ticks,
-            stopping,
-            closing,
-        }
-    }
-
     fn refuse_if_stopping(&self) -> Result<(), Status> {
         if self.stopping.is_triggered() {
             return Err(Status::unavailable(format!(
@@ -140,24 +129,52 @@ impl HeadService for HeadSvc {
             )));
         }
         self.refuse_if_stopping()?;
-        if !self.lease.held() {
-            return Err(Status::unavailable(format!(
-                "head {} is not registered right now (registry unreachable or lease lost); choose another head",
-                self.cfg.id
+        let me = &self.cfg.id;
+        if self.drain.begun() || self.lease.draining() {
+            return Err(Status::failed_precondition(format!(
+                "head {me} is draining; choose another head"
             )));
         }
+        if !self.lease.held() {
+            return Err(Status::unavailable(format!(
+                "head {me} is not registered right now (registry unreachable or lease lost); choose another head"
+            )));
+        }
+        let reason = ReassignReason::try_from(req.reason).unwrap_or(ReassignReason::Unspecified);
+        // The head a worker reports lost no longer counts as live in the
+        // load bound, even while its lease runs out.
+        let lost_head = match reason {
+            ReassignReason::HeadLost => req.previous_head_id.as_str(),
+            _ => "",
+        };
         let epoch = self
             .registry
-            .assign(&self.cfg.id, &req.worker_id, &req.worker_addr, self.cfg.lease_ttl)
+            .assign(&AssignRequest {
+                head_id: me,
+                worker_id: &req.worker_id,
+                worker_addr: &req.worker_addr,
+                lease_ttl: self.cfg.lease_ttl,
+                slack_permille: self.cfg.slack_permille,
+                capacity: self.cfg.capacity,
+                lost_head,
+            })
             .await
             .map_err(|e| match e {
                 RegistryError::NoLease => Status::unavailable(format!(
-                    "head {} is not registered (its lease is missing); choose another head",
-                    self.cfg.id
+                    "head {me} is not registered (its lease is missing); choose another head"
+                )),
+                RegistryError::Draining => Status::failed_precondition(format!(
+                    "head {me} is draining; choose another head"
+                )),
+                RegistryError::Full { load, bound } => Status::resource_exhausted(format!(
+                    "head {me} holds {load} workers, at its load bound of {bound} = ceil((1 + {}) * W / H); try your next head",
+                    f64::from(self.cfg.slack_permille) / 1000.0
+                )),
+                RegistryError::AtCapacity { load, capacity } => Status::resource_exhausted(format!(
+                    "head {me} holds {load} workers, at its capacity of {capacity}; try your next head"
                 )),
                 other => Status::unavailable(format!("cannot record the assignment: {other}")),
             })?;
-        let reason = ReassignReason::try_from(req.reason).unwrap_or(ReassignReason::Unspecified);
         info!(
             previous = %req.previous_head_id,
             reason = reason.as_str_name(),
@@ -188,12 +205,14 @@ impl HeadService for HeadSvc {
                     self.cfg.timeout
                 ))
             })??
-            .ok_or_else(|| Status::invalid_argument("the stream ended before its first WorkerBeat"))?;
+            .ok_or_else(|| {
+                Status::invalid_argument("the stream ended before its first WorkerBeat")
+            })?;
         validate_id("worker_id", &first.worker_id).map_err(Status::invalid_argument)?;
         let worker_addr = self.check_assignment(&first).await?;
-        let stream = self
-            .attached
-            .insert(first.worker_id.clone(), first.epoch, worker_addr, now_ms());
+        let stream =
+            self.attached
+                .insert(first.worker_id.clone(), first.epoch, worker_addr, now_ms());
         stream.record(first.sequence, first.load, now_ms());
         debug!(worker = %first.worker_id, epoch = first.epoch, "stream open");
 
@@ -207,7 +226,9 @@ impl HeadService for HeadSvc {
             tx,
         };
         tokio::spawn(task.run());
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as BeatStream))
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx)) as BeatStream
+        ))
     }
 
     async fn list_workers(
@@ -217,6 +238,20 @@ impl HeadService for HeadSvc {
         Ok(Response::new(ListWorkersResponse {
             head_id: self.cfg.id.clone(),
             workers: self.attached.list(),
+        }))
+    }
+
+    async fn drain(
+        &self,
+        _request: Request<DrainRequest>,
+    ) -> Result<Response<DrainResponse>, Status> {
+        let workers = u32::try_from(self.attached.len()).unwrap_or(u32::MAX);
+        let deadline_ms = self.drain.begin();
+        info!(head = %self.cfg.id, workers, "drain requested over gRPC");
+        Ok(Response::new(DrainResponse {
+            head_id: self.cfg.id.clone(),
+            workers,
+            deadline_ms,
         }))
     }
 }
@@ -248,7 +283,12 @@ impl StreamTask {
         let s = &self.stream;
         debug!(worker = %s.worker_id, epoch = s.epoch, ?end, "stream closed");
         if end == End::WorkerGone {
-            if let Err(e) = self.svc.registry.release(&self.svc.cfg.id, &s.worker_id, s.epoch).await {
+            if let Err(e) = self
+                .svc
+                .registry
+                .release(&self.svc.cfg.id, &s.worker_id, s.epoch)
+                .await
+            {
                 debug!(worker = %s.worker_id, error = %e, "could not release the assignment");
             }
         }
@@ -279,6 +319,15 @@ impl StreamTask {
                     return End::Replaced;
                 }
                 _ = self.tx.closed() => return End::WorkerGone,
+                _ = self.stream.redirect_ready.notified() => {
+                    if let Some(redirect) = self.stream.take_redirect() {
+                        let mut beat = self.beat(*ticks.borrow());
+                        beat.redirect = Some(redirect);
+                        if let Err(mpsc::error::TrySendError::Closed(_)) = self.tx.try_send(Ok(beat)) {
+                            return End::WorkerGone;
+                        }
+                    }
+                }
                 changed = ticks.changed() => {
                     if changed.is_err() {
                         return End::HeadStopping;
@@ -290,6 +339,11 @@ impl StreamTask {
                             "no WorkerBeat within {:?}", self.svc.cfg.timeout
                         ))));
                         return End::WorkerGone;
+                    }
+                    if !self.svc.lease.may_beat() {
+                        // The lease lapsed and ownership is being
+                        // rechecked: stay silent until it is.
+                        continue;
                     }
                     match self.tx.try_send(Ok(self.beat(tick))) {
                         Ok(()) => {}
@@ -313,6 +367,7 @@ impl StreamTask {
             sequence: tick.sequence,
             sent_at_ms: now_ms(),
             epoch: self.stream.epoch,
+            redirect: None,
         }
     }
 }

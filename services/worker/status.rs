@@ -29,7 +29,10 @@ impl StatusSvc {
 
 #[tonic::async_trait]
 impl WorkerService for StatusSvc {
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<WorkerStatus>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<WorkerStatus>, Status> {
         let s = self.snapshot.borrow().clone();
         Ok(Response::new(WorkerStatus {
             worker_id: self.worker_id.clone(),
@@ -43,6 +46,7 @@ impl WorkerService for StatusSvc {
                 .map(|t| Instant::now().duration_since(t).as_millis() as u64)
                 .unwrap_or(0),
             attached_since_ms: if s.attached { s.attached_since_ms } else { 0 },
+            max_head_beat_gap_ms: s.max_beat_gap.as_millis() as u64,
         }))
     }
 }
@@ -60,7 +64,9 @@ pub async fn track_readiness(
             if attached {
                 health.set_serving::<WorkerServiceServer<StatusSvc>>().await;
             } else {
-                health.set_not_serving::<WorkerServiceServer<StatusSvc>>().await;
+                health
+                    .set_not_serving::<WorkerServiceServer<StatusSvc>>()
+                    .await;
             }
             serving = Some(attached);
         }

@@ -7,6 +7,7 @@
 //! | `{ns}:heads`                 | set    | ids of heads that registered (pruned lazily)   |
 //! | `{ns}:head:<head>`           | hash   | `addr`, `state`, `started_ms`; TTL = the lease |
 //! | `{ns}:workers-of:<head>`     | set    | worker ids assigned to that head; TTL = lease  |
+//! | `{ns}:fence:<head>`          | list   | `epoch:worker` of workers taken from the head  |
 //! | `{ns}:worker:<worker>`       | hash   | `head`, `epoch`, `since_ms`, `addr`            |
 //! | `{ns}:epoch`                 | string | counter that hands out every epoch             |
 //!
@@ -52,9 +53,24 @@ impl Keys {
         format!("{}{head_id}", self.workers_of_prefix())
     }
 
+    /// Prefix of a head's fence list; the head id follows.
+    pub fn fence_prefix(&self) -> String {
+        format!("{}:fence:", self.prefix)
+    }
+
+    /// The fencing notices left for a head: workers other heads took.
+    pub fn fence(&self, head_id: &str) -> String {
+        format!("{}{head_id}", self.fence_prefix())
+    }
+
+    /// Prefix of a worker's assignment hash; the worker id follows.
+    pub fn worker_prefix(&self) -> String {
+        format!("{}:worker:", self.prefix)
+    }
+
     /// A worker's assignment hash.
     pub fn worker(&self, worker_id: &str) -> String {
-        format!("{}:worker:{worker_id}", self.prefix)
+        format!("{}{worker_id}", self.worker_prefix())
     }
 
     /// The epoch counter.

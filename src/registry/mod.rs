@@ -24,6 +24,25 @@ pub enum RegistryError {
     /// the head never registered).
     #[error("this head holds no lease in the registry")]
     NoLease,
+    /// The head is draining and adopts no one.
+    #[error("this head is draining")]
+    Draining,
+    /// The head is at its bounded-load limit.
+    #[error("this head holds {load} workers, at its load bound of {bound}")]
+    Full {
+        /// Workers the head holds.
+        load: u64,
+        /// The bound ceil((1 + slack) * W / H).
+        bound: u64,
+    },
+    /// The head is at its configured capacity.
+    #[error("this head holds {load} workers, at its capacity of {capacity}")]
+    AtCapacity {
+        /// Workers the head holds.
+        load: u64,
+        /// The configured hard cap.
+        capacity: u64,
+    },
     /// Redis answered with something this version does not understand.
     #[error("unexpected registry reply: {0}")]
     Protocol(String),
@@ -58,6 +77,35 @@ pub struct Assignment {
     pub addr: String,
 }
 
+/// What a lease refresh tells the head.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseRefresh {
+    /// False if the lease had lapsed (or never existed) before this call.
+    pub existed: bool,
+    /// Workers that other heads adopted since the last refresh, with their
+    /// new epochs: the head must close its streams of older epochs.
+    pub fenced: Vec<(String, u64)>,
+}
+
+/// A worker's request to be adopted, with the head's placement policy.
+#[derive(Debug, Clone)]
+pub struct AssignRequest<'a> {
+    /// The adopting head.
+    pub head_id: &'a str,
+    /// The worker.
+    pub worker_id: &'a str,
+    /// Where the worker serves `WorkerService`.
+    pub worker_addr: &'a str,
+    /// TTL of the head's worker set and fence lists.
+    pub lease_ttl: Duration,
+    /// ε of the load bound, in thousandths (250 for 0.25).
+    pub slack_permille: u32,
+    /// Hard cap on the head's workers; 0 for none.
+    pub capacity: u64,
+    /// The head the worker reports lost, which no longer counts as live.
+    pub lost_head: &'a str,
+}
+
 /// What a head writes into its lease.
 #[derive(Debug, Clone)]
 pub struct LeaseInfo {
@@ -83,7 +131,9 @@ pub struct Registry {
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The pool holds the URL and thus maybe a password: never print it.
-        f.debug_struct("Registry").field("keys", &self.keys).finish()
+        f.debug_struct("Registry")
+            .field("keys", &self.keys)
+            .finish()
     }
 }
 
@@ -147,30 +197,72 @@ impl Registry {
 
     /// Checks that Redis answers.
     pub async fn ping(&self) -> Result<()> {
-        self.with_conn(|mut c| async move {
-            redis::cmd("PING").query_async::<String>(&mut c).await
-        })
+        self.with_conn(
+            |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await },
+        )
         .await
         .map(|_| ())
     }
 
     /// Creates or refreshes a head's lease, marked `state` (`ready` or
-    /// `draining`). Returns false if the lease had expired (or never
-    /// existed) before this call.
-    pub async fn refresh_lease(&self, lease: &LeaseInfo, state: &str) -> Result<bool> {
+    /// `draining`), and collects the fencing notices left for the head.
+    pub async fn refresh_lease(&self, lease: &LeaseInfo, state: &str) -> Result<LeaseRefresh> {
         let k = &self.keys;
         let mut inv = scripts::REFRESH_LEASE.prepare_invoke();
         inv.key(k.head(&lease.head_id))
             .key(k.heads())
             .key(k.workers_of(&lease.head_id))
+            .key(k.fence(&lease.head_id))
             .arg(&lease.head_id)
             .arg(&lease.addr)
             .arg(lease.ttl.as_millis() as u64)
             .arg(lease.started_ms)
             .arg(state);
-        self.with_conn(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
-            .await
-            .map(|existed| existed == 1)
+        let reply: Vec<redis::Value> = self
+            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        let mut items = reply.iter();
+        let existed = items.next().map(number).transpose()?.unwrap_or(0) == 1;
+        let mut fenced = Vec::new();
+        for item in items {
+            let entry = text(item)?;
+            if let Some((epoch, worker)) = entry.split_once(':') {
+                if let Ok(epoch) = epoch.parse() {
+                    fenced.push((worker.to_owned(), epoch));
+                }
+            }
+        }
+        Ok(LeaseRefresh { existed, fenced })
+    }
+
+    /// Re-records the workers whose streams a head holds after it got its
+    /// lease back; returns those another head or a newer epoch took.
+    pub async fn reclaim(
+        &self,
+        head_id: &str,
+        streams: &[(String, u64)],
+        lease_ttl: Duration,
+    ) -> Result<Vec<String>> {
+        let mut stale = Vec::new();
+        // Chunks keep each script call short: Redis runs nothing else
+        // while a script runs.
+        for chunk in streams.chunks(500) {
+            let k = &self.keys;
+            let mut inv = scripts::RECLAIM.prepare_invoke();
+            inv.key(k.workers_of(head_id))
+                .key(k.epoch())
+                .arg(head_id)
+                .arg(k.worker_prefix())
+                .arg(lease_ttl.as_millis() as u64);
+            for (worker, epoch) in chunk {
+                inv.arg(worker).arg(*epoch);
+            }
+            let part: Vec<String> = self
+                .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
+                .await?;
+            stale.extend(part);
+        }
+        Ok(stale)
     }
 
     /// Removes a head's lease and worker set at once.
@@ -180,6 +272,7 @@ impl Registry {
         inv.key(k.head(head_id))
             .key(k.heads())
             .key(k.workers_of(head_id))
+            .key(k.fence(head_id))
             .arg(head_id);
         self.with_conn(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
             .await
@@ -209,28 +302,27 @@ impl Registry {
         Ok(heads)
     }
 
-    /// Assigns `worker_id` to `head_id` under a new epoch, atomically, and
-    /// returns the epoch. Fails with [`RegistryError::NoLease`] when the
-    /// head's lease is gone.
-    pub async fn assign(
-        &self,
-        head_id: &str,
-        worker_id: &str,
-        worker_addr: &str,
-        lease_ttl: Duration,
-    ) -> Result<u64> {
+    /// Assigns the worker to the head under a new epoch, atomically and
+    /// within the head's load bound, and returns the epoch.
+    pub async fn assign(&self, req: &AssignRequest<'_>) -> Result<u64> {
         let k = &self.keys;
         let mut inv = scripts::ASSIGN.prepare_invoke();
-        inv.key(k.head(head_id))
-            .key(k.worker(worker_id))
+        inv.key(k.head(req.head_id))
+            .key(k.worker(req.worker_id))
             .key(k.epoch())
-            .key(k.workers_of(head_id))
-            .arg(head_id)
-            .arg(worker_id)
+            .key(k.workers_of(req.head_id))
+            .key(k.heads())
+            .arg(req.head_id)
+            .arg(req.worker_id)
             .arg(now_ms())
-            .arg(worker_addr)
+            .arg(req.worker_addr)
             .arg(k.workers_of_prefix())
-            .arg(lease_ttl.as_millis() as u64);
+            .arg(req.lease_ttl.as_millis() as u64)
+            .arg(k.head_prefix())
+            .arg(req.slack_permille)
+            .arg(req.capacity)
+            .arg(req.lost_head)
+            .arg(k.fence_prefix());
         self.with_conn(|mut c| async move { inv.invoke_async::<u64>(&mut c).await })
             .await
     }
@@ -279,9 +371,26 @@ impl Registry {
 }
 
 fn classify(e: redis::RedisError) -> RegistryError {
-    if e.code() == Some("NOLEASE") {
-        RegistryError::NoLease
-    } else if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+    let two_numbers = || {
+        let mut it = e.detail().unwrap_or("").split_whitespace();
+        let a = it.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+        let b = it.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+        (a, b)
+    };
+    match e.code() {
+        Some("NOLEASE") => return RegistryError::NoLease,
+        Some("DRAINING") => return RegistryError::Draining,
+        Some("FULL") => {
+            let (load, bound) = two_numbers();
+            return RegistryError::Full { load, bound };
+        }
+        Some("CAPACITY") => {
+            let (load, capacity) = two_numbers();
+            return RegistryError::AtCapacity { load, capacity };
+        }
+        _ => {}
+    }
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
         RegistryError::Unavailable(e.to_string())
     } else {
         RegistryError::Protocol(e.to_string())

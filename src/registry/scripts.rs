@@ -5,11 +5,13 @@
 use deadpool_redis::redis::Script;
 use std::sync::LazyLock;
 
-/// Creates or refreshes a head's lease.
+/// Creates or refreshes a head's lease, and hands the head the fencing
+/// notices other heads left for it (see [`ASSIGN`]).
 ///
-/// KEYS: head hash, heads set, the head's worker set.
+/// KEYS: head hash, heads set, the head's worker set, the head's fence list.
 /// ARGV: head id, addr, lease ms, started ms, state.
-/// Returns 1 if the lease still existed (a refresh), 0 if it was created.
+/// Returns `{existed, fence...}`: existed is 1 if the lease still existed
+/// (a refresh), 0 if it was created; each fence entry is `epoch:worker`.
 pub static REFRESH_LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -18,18 +20,25 @@ redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARG
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
-return existed
+local out = {existed}
+local fenced = redis.call('LRANGE', KEYS[4], 0, -1)
+if #fenced > 0 then
+  redis.call('DEL', KEYS[4])
+  for _, f in ipairs(fenced) do table.insert(out, f) end
+end
+return out
 "#,
     )
 });
 
 /// Removes a head at once (clean exit).
 ///
-/// KEYS: head hash, heads set, the head's worker set. ARGV: head id.
+/// KEYS: head hash, heads set, the head's worker set, its fence list.
+/// ARGV: head id.
 pub static DEREGISTER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
 redis.call('SREM', KEYS[2], ARGV[1])
 return 1
 "#,
@@ -60,27 +69,106 @@ return out
     )
 });
 
-/// Assigns a worker to a head under a fresh epoch.
+/// Assigns a worker to a head under a fresh epoch, within the head's load
+/// bound, and leaves the previous head a fencing notice.
 ///
-/// KEYS: head hash, worker hash, epoch counter, the head's worker set.
-/// ARGV: head id, worker id, since ms, worker addr, worker-set key prefix,
-/// lease ms.
-/// Fails with `NOLEASE` when the head holds no lease.
+/// KEYS: head hash, worker hash, epoch counter, the head's worker set,
+/// heads set.
+/// ARGV: 1 head id, 2 worker id, 3 since ms, 4 worker addr, 5 worker-set
+/// key prefix, 6 lease ms, 7 head key prefix, 8 slack in thousandths,
+/// 9 capacity (0: none), 10 head the worker lost (excluded from H; may be
+/// empty), 11 fence-list key prefix.
+///
+/// Fails with `NOLEASE`, `DRAINING`, `FULL load bound` or
+/// `CAPACITY load capacity`.
 pub static ASSIGN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('NOLEASE head holds no lease')
 end
+if redis.call('HGET', KEYS[1], 'state') == 'draining' then
+  return redis.error_reply('DRAINING head is draining')
+end
+local me, worker = ARGV[1], ARGV[2]
 local prev = redis.call('HGET', KEYS[2], 'head')
-if prev and prev ~= ARGV[1] then
-  redis.call('SREM', ARGV[5] .. prev, ARGV[2])
+if not (prev == me and redis.call('SISMEMBER', KEYS[4], worker) == 1) then
+  -- W: workers assigned to live heads, plus this one unless counted.
+  -- H: live heads not draining, minus the one the worker lost.
+  local total, live, counted = 0, 0, false
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+    local state = redis.call('HGET', ARGV[7] .. id, 'state')
+    if state then
+      total = total + redis.call('SCARD', ARGV[5] .. id)
+      if state ~= 'draining' and id ~= ARGV[10] then live = live + 1 end
+      if id == prev and redis.call('SISMEMBER', ARGV[5] .. id, worker) == 1 then
+        counted = true
+      end
+    end
+  end
+  if not counted then total = total + 1 end
+  if live < 1 then live = 1 end
+  local slack = tonumber(ARGV[8])
+  local bound = math.floor(((1000 + slack) * total + 1000 * live - 1) / (1000 * live))
+  local load = redis.call('SCARD', KEYS[4])
+  if load + 1 > bound then
+    return redis.error_reply('FULL ' .. load .. ' ' .. bound)
+  end
+  local cap = tonumber(ARGV[9])
+  if cap > 0 and load + 1 > cap then
+    return redis.error_reply('CAPACITY ' .. load .. ' ' .. cap)
+  end
 end
 local epoch = redis.call('INCR', KEYS[3])
-redis.call('HSET', KEYS[2], 'head', ARGV[1], 'epoch', epoch, 'since_ms', ARGV[3], 'addr', ARGV[4])
-redis.call('SADD', KEYS[4], ARGV[2])
+if prev and prev ~= me then
+  redis.call('SREM', ARGV[5] .. prev, worker)
+  local fence = ARGV[11] .. prev
+  redis.call('RPUSH', fence, epoch .. ':' .. worker)
+  redis.call('LTRIM', fence, -10000, -1)
+  redis.call('PEXPIRE', fence, ARGV[6])
+end
+redis.call('HSET', KEYS[2], 'head', me, 'epoch', epoch, 'since_ms', ARGV[3], 'addr', ARGV[4])
+redis.call('SADD', KEYS[4], worker)
 redis.call('PEXPIRE', KEYS[4], ARGV[6])
 return epoch
+"#,
+    )
+});
+
+/// After a head got its lease back (it was paused, or Redis forgot it),
+/// re-records the workers whose streams it still holds, and names those
+/// that another head or a newer epoch took meanwhile.
+///
+/// KEYS: the head's worker set, epoch counter.
+/// ARGV: head id, worker key prefix, lease ms, then worker id and epoch
+/// pairs. Returns the worker ids the head must let go.
+pub static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local me, stale = ARGV[1], {}
+local top = tonumber(redis.call('GET', KEYS[2]) or '0')
+for i = 4, #ARGV, 2 do
+  local worker, epoch = ARGV[i], ARGV[i + 1]
+  local key = ARGV[2] .. worker
+  local a = redis.call('HMGET', key, 'head', 'epoch')
+  if a[1] == false then
+    -- Redis forgot the assignment (restart, flush): the stream is still
+    -- the truth, so record it again.
+    redis.call('HSET', key, 'head', me, 'epoch', epoch, 'since_ms', 0, 'addr', '')
+    redis.call('SADD', KEYS[1], worker)
+  elseif a[1] == me and a[2] == epoch then
+    redis.call('SADD', KEYS[1], worker)
+  else
+    table.insert(stale, worker)
+  end
+  if tonumber(epoch) > top then top = tonumber(epoch) end
+end
+-- Epochs must keep growing even if the counter was lost.
+if top > tonumber(redis.call('GET', KEYS[2]) or '0') then
+  redis.call('SET', KEYS[2], top)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return stale
 "#,
     )
 });

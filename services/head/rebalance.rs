@@ -1,0 +1,108 @@
+//! Scale-up without a storm: when a head joins, every other head learns of
+//! it within one interval and redirects exactly the workers that
+//! rendezvous placement now puts on the new head, at a bounded rate, and
+//! never a worker that moved within the cool-down.
+
+use crate::attached::Attached;
+use crate::lease::LeaseState;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tether::pb::{Redirect, RedirectReason};
+use tether::placement;
+use tether::registry::{now_ms, Registry};
+use tether::shutdown::Shutdown;
+use tracing::{debug, info};
+
+/// How long after a head joins it counts as new, i.e. a rebalance target.
+const NEW_HEAD_WINDOW: Duration = Duration::from_secs(60);
+
+/// The rebalance loop's inputs.
+pub struct Rebalance {
+    pub head_id: String,
+    pub registry: Registry,
+    pub attached: Arc<Attached>,
+    pub lease: Arc<LeaseState>,
+    pub interval: Duration,
+    /// Workers per second this head may redirect.
+    pub rate: f64,
+    /// A worker attached or redirected more recently is left alone.
+    pub cooldown: Duration,
+}
+
+impl Rebalance {
+    /// Runs until `shutdown`.
+    pub async fn run(self, mut shutdown: Shutdown) {
+        // Per head: when it joined (`None` for heads present at this
+        // head's start, which already hold their share) and when it was
+        // last seen. A head that vanishes briefly (paused, restarted) is
+        // remembered for the window, so it does not count as new again.
+        let mut known: Option<HashMap<String, (Option<Instant>, Instant)>> = None;
+        let mut budget = 0.0f64;
+        let per_tick = self.rate * self.interval.as_secs_f64();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.interval) => {}
+                _ = shutdown.wait() => return,
+            }
+            if self.lease.draining() || !self.lease.held() {
+                continue;
+            }
+            let heads = match self.registry.live_heads().await {
+                Ok(h) => h,
+                Err(e) => {
+                    debug!(error = %e, "rebalance: cannot read the registry");
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            let known = known
+                .get_or_insert_with(|| heads.iter().map(|h| (h.id.clone(), (None, now))).collect());
+            for h in &heads {
+                known
+                    .entry(h.id.clone())
+                    .and_modify(|(_, seen)| *seen = now)
+                    .or_insert_with(|| {
+                        info!(head = %self.head_id, joined = %h.id, "a head joined; rebalancing its share to it");
+                        (Some(now), now)
+                    });
+            }
+            known.retain(|_, (_, seen)| now.duration_since(*seen) < NEW_HEAD_WINDOW);
+            let ready: Vec<_> = heads.iter().filter(|h| h.state == "ready").collect();
+            let is_new = |id: &str| matches!(known.get(id), Some((Some(t), _)) if now.duration_since(*t) < NEW_HEAD_WINDOW);
+            if !ready.iter().any(|h| is_new(&h.id)) {
+                budget = 0.0;
+                continue;
+            }
+            budget = (budget + per_tick).min(per_tick.max(1.0) * 2.0);
+            let now_ms = now_ms();
+            let cooldown_ms = self.cooldown.as_millis() as i64;
+            let mut streams = self.attached.streams();
+            streams.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+            for stream in streams {
+                if budget < 1.0 {
+                    break;
+                }
+                if now_ms - stream.since_ms < cooldown_ms
+                    || now_ms - stream.redirected_ms() < cooldown_ms
+                {
+                    continue;
+                }
+                let order =
+                    placement::rendezvous_order(&stream.worker_id, &ready, |h| h.id.as_str());
+                let Some(top) = order.first() else { continue };
+                if top.id != self.head_id && is_new(&top.id) {
+                    stream.redirect(
+                        Redirect {
+                            reason: RedirectReason::Rebalance as i32,
+                            suggested_head_id: top.id.clone(),
+                            suggested_head_addr: top.addr.clone(),
+                        },
+                        now_ms,
+                    );
+                    budget -= 1.0;
+                }
+            }
+        }
+    }
+}
