@@ -66,7 +66,9 @@ fn main() {
         std::process::exit(2);
     }
     tether::telemetry::init(args.common.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread is plenty for one stream and a status service, and keeps
+    // a host with hundreds of workers light.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap_or_else(|e| {
