@@ -16,19 +16,19 @@ use crate::pb::head_service_client::HeadServiceClient;
 use crate::pb::{HeadBeat, ReassignReason, ReassignRequest, Redirect, RedirectReason, WorkerBeat};
 use crate::placement;
 use crate::registry::{HeadEntry, Registry};
+use crate::security::ClientSecurity;
 use crate::shutdown::Shutdown;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use tonic::Streaming;
 use tracing::{debug, info, warn};
 
 /// How a worker attaches. The heartbeat timing is not here: each head
 /// dictates it in its `Reassign` answer, so one cluster has one policy.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AttachConfig {
     /// The worker's id.
     pub worker_id: String,
@@ -40,6 +40,8 @@ pub struct AttachConfig {
     pub backoff_base: Duration,
     /// Largest retry delay.
     pub backoff_max: Duration,
+    /// TLS and token to present to heads.
+    pub security: ClientSecurity,
 }
 
 /// What a worker knows about its attachment, published on every change.
@@ -302,8 +304,9 @@ async fn open(
     previous: Option<&str>,
     reason: ReassignReason,
 ) -> Result<Link, String> {
-    let channel = Endpoint::from_shared(format!("http://{}", head.addr))
-        .map_err(|e| format!("bad address {:?}: {e}", head.addr))?
+    let channel = cfg
+        .security
+        .endpoint(&head.addr)?
         .connect_timeout(cfg.connect_timeout)
         .tcp_nodelay(true)
         .connect()
@@ -317,6 +320,7 @@ async fn open(
         reason: reason as i32,
     });
     request.set_timeout(cfg.connect_timeout * 2);
+    cfg.security.authorize(&mut request);
     let answer = client
         .reassign(request)
         .await
@@ -342,8 +346,10 @@ async fn open(
         load: None,
     });
     let first = async {
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        cfg.security.authorize(&mut request);
         let response = client
-            .heartbeat(ReceiverStream::new(rx))
+            .heartbeat(request)
             .await
             .map_err(|s| format!("stream refused: {:?}: {}", s.code(), s.message()))?;
         let mut inbound = response.into_inner();

@@ -168,6 +168,9 @@ pub struct CommonArgs {
     /// The level comes from RUST_LOG (default info).
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: crate::telemetry::LogFormat,
+
+    #[command(flatten)]
+    pub security: crate::security::SecurityArgs,
 }
 
 /// A namespace is an id that must not hold braces, which would break the

@@ -121,10 +121,14 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 
 fn main() {
     let args = Args::parse();
-    if let Err(e) = args.validate() {
-        eprintln!("tether-head: invalid configuration: {e}");
-        std::process::exit(2);
-    }
+    let security = args.validate().and_then(|()| args.common.security.load());
+    let (server_security, _) = match security {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tether-head: invalid configuration: {e}");
+            std::process::exit(2);
+        }
+    };
     tether::telemetry::init(args.common.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -133,6 +137,6 @@ fn main() {
             eprintln!("tether-head: cannot start the runtime: {e}");
             std::process::exit(1);
         });
-    let code = runtime.block_on(run::run(args));
+    let code = runtime.block_on(run::run(args, server_security));
     std::process::exit(code);
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tether::config::{advertise_addr, default_id};
 use tether::pb::head_service_server::HeadServiceServer;
 use tether::registry::{now_ms, LeaseInfo, Registry};
+use tether::security::ServerSecurity;
 use tether::server::{self, MAX_MESSAGE_BYTES};
 use tether::shutdown;
 use tokio::net::TcpListener;
@@ -20,7 +21,7 @@ use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 /// Runs the head; returns the process exit code.
-pub async fn run(args: Args) -> i32 {
+pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
     let listener = match TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -113,9 +114,16 @@ pub async fn run(args: Args) -> i32 {
     let head_service = HeadServiceServer::new(svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let router = match server::router(health_svc, &server_security) {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot set up the gRPC server");
+            return 2;
+        }
+    };
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server_task = tokio::spawn(
-        server::router(health_svc)
+        router
             .add_service(head_service)
             .serve_with_incoming_shutdown(server::incoming(listener), async {
                 let _ = server_stopped.await;

@@ -61,10 +61,14 @@ impl Args {
 
 fn main() {
     let args = Args::parse();
-    if let Err(e) = args.validate() {
-        eprintln!("tether-worker: invalid configuration: {e}");
-        std::process::exit(2);
-    }
+    let security = args.validate().and_then(|()| args.common.security.load());
+    let (server_security, client_security) = match security {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tether-worker: invalid configuration: {e}");
+            std::process::exit(2);
+        }
+    };
     tether::telemetry::init(args.common.log_format);
     // One thread is plenty for one stream and a status service, and keeps
     // a host with hundreds of workers light.
@@ -75,6 +79,6 @@ fn main() {
             eprintln!("tether-worker: cannot start the runtime: {e}");
             std::process::exit(1);
         });
-    let code = runtime.block_on(run::run(args));
+    let code = runtime.block_on(run::run(args, server_security, client_security));
     std::process::exit(code);
 }

@@ -8,6 +8,7 @@ use tether::attach::{self, AttachConfig, Snapshot};
 use tether::config::{advertise_addr, default_id};
 use tether::pb::worker_service_server::WorkerServiceServer;
 use tether::registry::Registry;
+use tether::security::{ClientSecurity, ServerSecurity};
 use tether::server::{self, MAX_MESSAGE_BYTES};
 use tether::shutdown;
 use tokio::net::TcpListener;
@@ -15,7 +16,11 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 /// Runs the worker; returns the process exit code.
-pub async fn run(args: Args) -> i32 {
+pub async fn run(
+    args: Args,
+    server_security: ServerSecurity,
+    client_security: ClientSecurity,
+) -> i32 {
     let listener = match TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -57,6 +62,7 @@ pub async fn run(args: Args) -> i32 {
             connect_timeout: args.connect_timeout,
             backoff_base: Duration::from_millis(100),
             backoff_max: args.max_backoff,
+            security: client_security,
         },
         registry,
         snapshot_tx,
@@ -65,9 +71,16 @@ pub async fn run(args: Args) -> i32 {
     let status_service = WorkerServiceServer::new(StatusSvc::new(id.clone(), snapshot_rx))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let router = match server::router(health_svc, &server_security) {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot set up the gRPC server");
+            return 2;
+        }
+    };
     let mut server_stop = stop.clone();
     let mut server_task = tokio::spawn(
-        server::router(health_svc)
+        router
             .add_service(status_service)
             .serve_with_incoming_shutdown(server::incoming(listener), async move {
                 server_stop.wait().await;
