@@ -15,17 +15,21 @@
 //! - [`attach`]: the worker side of the protocol, shared by `tether-worker`
 //!   and the benchmark.
 //! - [`server`]: what every gRPC server shares: health, reflection, limits.
+//! - [`security`]: optional TLS / mutual TLS and the bearer-token layer.
 //! - [`config`]: flag types (durations, Redis URL, ids) and validation.
 //! - [`telemetry`]: tracing set-up (text or JSON).
 //! - [`shutdown`]: signals and cancellation.
 //! - [`backoff`]: capped exponential backoff with jitter.
+//! - [`localcluster`]: a real Redis, heads and workers as local processes.
 
 pub mod attach;
 pub mod backoff;
 pub mod config;
+pub mod localcluster;
 pub mod pb;
 pub mod placement;
 pub mod registry;
+pub mod security;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

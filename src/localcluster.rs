@@ -1,0 +1,1045 @@
+//! A local cluster of real processes: a `redis-server` on a free port, and
+//! `tether-head` and `tether-worker` binaries on free ports, each writing
+//! its logs to a file.
+//!
+//! It exists so that the integration tests, the demo and the benchmark all
+//! exercise Tether the way it runs in production, over real sockets and
+//! with real signals (SIGKILL for a crash, SIGSTOP for a hung machine,
+//! SIGTERM for a clean exit), instead of against in-process fakes. It lives
+//! in the library rather than in `tests/` so that examples and binaries can
+//! use it too.
+//!
+//! Everything it starts is stopped when its owner is dropped: processes are
+//! killed with SIGKILL (which also ends a SIGSTOPped one) and reaped, so no
+//! stray process outlives a test. When the owner is dropped during a panic,
+//! the log directory is kept and its path printed, so a failing test leaves
+//! its evidence behind.
+//!
+//! Signals go through the `kill` command rather than `libc`, to keep the
+//! crate free of a dependency that only this module would need.
+
+use crate::pb::head_service_client::HeadServiceClient;
+use crate::pb::worker_service_client::WorkerServiceClient;
+use crate::pb::{ListWorkersRequest, ListWorkersResponse, StatusRequest, WorkerStatus};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// The exact advice given when `redis-server` cannot be found: it names
+/// the commands that fix the problem.
+pub const REDIS_MISSING: &str = "redis-server is not on PATH; run `make test` (it installs it) or `sudo apt-get install -y redis-server`";
+
+/// Bound on every gRPC call the helpers make. Generous, because a debug
+/// build on a busy two-core machine can be slow; a SIGSTOPped peer hits it.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a freshly started `redis-server` may take to answer PING.
+const REDIS_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the harness could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// `redis-server` is not installed; the message says how to fix it.
+    #[error("{REDIS_MISSING}")]
+    RedisMissing,
+    /// The head or worker binary was not found.
+    #[error("{0}")]
+    BinaryMissing(String),
+    /// A file, socket or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What the harness was doing.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A process exited when it should have kept running.
+    #[error("{0}")]
+    Exited(String),
+    /// Something did not happen in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// A gRPC call failed.
+    #[error("{what} at {addr}: {code:?}: {message}")]
+    Rpc {
+        /// Which call.
+        what: &'static str,
+        /// Whom it was made to.
+        addr: SocketAddr,
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The status message.
+        message: String,
+    },
+    /// A caller asked for something the harness cannot do (an id used
+    /// twice, a signal to a process that already exited, ...).
+    #[error("{0}")]
+    Usage(String),
+    /// Redis answered with something the raw client could not read.
+    #[error("unexpected Redis reply: {0}")]
+    Redis(String),
+}
+
+/// A result of a harness call.
+pub type Result<T> = std::result::Result<T, HarnessError>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
+    let what = what.into();
+    move |source| HarnessError::Io { what, source }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago, for a child to bind.
+///
+/// It is taken below the kernel's ephemeral range: the outgoing
+/// connections of the cluster itself (workers dialing heads and Redis,
+/// probes) take their local ports from that range, and one of them could
+/// grab a port between this pick and the child's bind. Each process starts
+/// at its own offset and walks the range, checking every candidate with a
+/// bind, so tests running side by side rarely meet. When nothing below the
+/// range is usable, the kernel picks (bind to port 0).
+pub fn free_port() -> Result<u16> {
+    static NEXT: AtomicU64 = AtomicU64::new(u64::MAX);
+    let (low, high) = pick_range();
+    if high > low {
+        let span = u64::from(high - low);
+        let _ = NEXT.compare_exchange(u64::MAX, seed(), Ordering::Relaxed, Ordering::Relaxed);
+        for _ in 0..256 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = low + (n % span) as u16;
+            if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io_err("binding 127.0.0.1:0"))?;
+    let port = listener
+        .local_addr()
+        .map_err(io_err("reading a bound address"))?
+        .port();
+    Ok(port)
+}
+
+/// Ports to pick from: from 10000 up to the start of the ephemeral range.
+fn pick_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|n| n.parse::<u16>().ok()))
+        // Linux's default when the file cannot be read.
+        .unwrap_or(32768);
+    (10_000, ephemeral_low)
+}
+
+/// A starting offset that differs between processes and runs.
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    u64::from(std::process::id()).wrapping_mul(7919) ^ u64::from(nanos)
+}
+
+/// A fresh directory under the system temp dir, unique in this process
+/// and across processes (it holds the pid).
+fn temp_dir(label: &str) -> Result<PathBuf> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tether-{label}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    Ok(dir)
+}
+
+/// Removes `dir`, unless the thread is panicking: then the logs are what
+/// the person reading the failure needs, so they stay and the path is
+/// printed.
+fn clean_up_dir(dir: &Path) {
+    if std::thread::panicking() {
+        eprintln!("localcluster: logs kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Finds an executable called `name` in one of the `PATH` directories.
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// The last `n` lines of a file, or a note saying why it could not be read.
+fn tail_of(path: &Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// Sends `signal` to `pid` with the `kill` command.
+fn send_signal(pid: u32, signal: Signal) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{}", signal.name()))
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(io_err("running the `kill` command"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(HarnessError::Usage(format!(
+            "`kill -{} {pid}` failed: {status}",
+            signal.name()
+        )))
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit; returns its status if it did.
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
+/// Kills a child with SIGKILL and reaps it. SIGKILL also ends a process
+/// that is stopped by SIGSTOP, so nothing is left behind either way.
+fn kill_and_reap(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A signal the harness can send to a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGKILL: a crash; the process gets no chance to clean up.
+    Kill,
+    /// SIGTERM: the orchestrator asks for a clean exit.
+    Term,
+    /// SIGINT: Ctrl-C.
+    Int,
+    /// SIGSTOP: a hung machine; sockets stay open but nothing answers.
+    Stop,
+    /// SIGCONT: the hung machine wakes up.
+    Cont,
+}
+
+impl Signal {
+    /// The name the `kill` command takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Kill => "KILL",
+            Signal::Term => "TERM",
+            Signal::Int => "INT",
+            Signal::Stop => "STOP",
+            Signal::Cont => "CONT",
+        }
+    }
+}
+
+/// A `redis-server` on 127.0.0.1, without persistence, in its own temp
+/// directory. It may be stopped and started again on the same port, to
+/// play a Redis outage; it is killed when dropped.
+#[derive(Debug)]
+pub struct RedisServer {
+    /// The `redis-server` executable found on PATH.
+    program: PathBuf,
+    /// Fixed for the server's life, so that clients configured with
+    /// [`RedisServer::url`] find it again after a restart.
+    port: u16,
+    /// Working directory and log file; removed on drop.
+    dir: PathBuf,
+    /// `None` while the server is stopped.
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers PING.
+    /// Fails with [`HarnessError::RedisMissing`] when `redis-server` is not
+    /// on PATH.
+    pub fn start() -> Result<Self> {
+        Self::start_on(free_port()?)
+    }
+
+    /// Starts a server on `port` and waits until it answers PING.
+    pub fn start_on(port: u16) -> Result<Self> {
+        let mut server = Self::stopped_on(port)?;
+        server.restart()?;
+        Ok(server)
+    }
+
+    /// A server that is not running yet, on a port that is free now: for
+    /// processes that must start before Redis. [`RedisServer::restart`]
+    /// starts it.
+    pub fn stopped() -> Result<Self> {
+        Self::stopped_on(free_port()?)
+    }
+
+    /// A server that is not running yet, on `port`.
+    pub fn stopped_on(port: u16) -> Result<Self> {
+        let program = find_on_path("redis-server").ok_or(HarnessError::RedisMissing)?;
+        Ok(Self {
+            program,
+            port,
+            dir: temp_dir("redis")?,
+            child: None,
+        })
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The URL to give to `--redis-url`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// True while the server process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
+    }
+
+    /// Kills the server at once (SIGKILL), as in a crash. Its data is lost:
+    /// it runs without persistence. Does nothing if it is not running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+    }
+
+    /// Starts the server again on the same port (killing it first if it
+    /// runs) and waits until it answers PING.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let log_path = self.dir.join("redis.log");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err(format!("opening {}", log_path.display())))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_err("duplicating the log file handle"))?;
+        let child = Command::new(&self.program)
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(io_err(format!("starting {}", self.program.display())))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + REDIS_START_TIMEOUT;
+        loop {
+            if self.ping() {
+                return Ok(());
+            }
+            if !self.is_running() {
+                self.child = None;
+                return Err(HarnessError::Exited(format!(
+                    "redis-server on port {} exited at start; its log ends with:\n{}",
+                    self.port,
+                    tail_of(&log_path, 20)
+                )));
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Err(HarnessError::Timeout(format!(
+                    "redis-server on port {} did not answer PING within {REDIS_START_TIMEOUT:?}; its log ends with:\n{}",
+                    self.port,
+                    tail_of(&log_path, 20)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// True if something on the port answers `PING` with `+PONG`.
+    pub fn ping(&self) -> bool {
+        matches!(self.command(&["PING"]), Ok(Reply::Simple(s)) if s == "PONG")
+    }
+
+    /// Sends one command over a fresh connection and reads the reply. A
+    /// small blocking client, so that tests can look at the keys Tether
+    /// wrote without a Redis client of their own.
+    pub fn command(&self, args: &[&str]) -> Result<Reply> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let what = || format!("talking to Redis at {addr}");
+        let mut stream =
+            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(io_err(what()))?;
+        stream
+            .set_read_timeout(Some(RPC_TIMEOUT))
+            .map_err(io_err(what()))?;
+        let mut request = format!("*{}\r\n", args.len());
+        for a in args {
+            request.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        stream
+            .write_all(request.as_bytes())
+            .map_err(io_err(what()))?;
+        Reply::read(&mut BufReader::new(stream))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        clean_up_dir(&self.dir);
+    }
+}
+
+/// A Redis reply, as read by [`RedisServer::command`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `+OK`-style status.
+    Simple(String),
+    /// `-ERR ...`.
+    Error(String),
+    /// `:n`.
+    Integer(i64),
+    /// `$n` bulk string; `None` for a nil reply.
+    Bulk(Option<Vec<u8>>),
+    /// `*n` array; `None` for a nil array.
+    Array(Option<Vec<Reply>>),
+}
+
+impl Reply {
+    fn read(reader: &mut impl BufRead) -> Result<Reply> {
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .map_err(io_err("reading a Redis reply"))?;
+        let line = line.trim_end_matches(['\r', '\n']);
+        let (kind, rest) = line.split_at(line.len().min(1));
+        let number = || {
+            rest.parse::<i64>()
+                .map_err(|_| HarnessError::Redis(line.to_owned()))
+        };
+        Ok(match kind {
+            "+" => Reply::Simple(rest.to_owned()),
+            "-" => Reply::Error(rest.to_owned()),
+            ":" => Reply::Integer(number()?),
+            "$" => match usize::try_from(number()?) {
+                Err(_) => Reply::Bulk(None),
+                Ok(len) => {
+                    let mut bytes = vec![0; len + 2];
+                    reader
+                        .read_exact(&mut bytes)
+                        .map_err(io_err("reading a Redis bulk string"))?;
+                    bytes.truncate(len);
+                    Reply::Bulk(Some(bytes))
+                }
+            },
+            "*" => match usize::try_from(number()?) {
+                Err(_) => Reply::Array(None),
+                Ok(len) => Reply::Array(Some(
+                    (0..len)
+                        .map(|_| Reply::read(reader))
+                        .collect::<Result<_>>()?,
+                )),
+            },
+            _ => return Err(HarnessError::Redis(line.to_owned())),
+        })
+    }
+}
+
+/// Where the `tether-head` and `tether-worker` executables are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// The `tether-head` executable.
+    pub head: PathBuf,
+    /// The `tether-worker` executable.
+    pub worker: PathBuf,
+}
+
+impl Binaries {
+    /// The given paths; integration tests pass
+    /// `env!("CARGO_BIN_EXE_tether-head")` and
+    /// `env!("CARGO_BIN_EXE_tether-worker")`.
+    pub fn new(head: impl Into<PathBuf>, worker: impl Into<PathBuf>) -> Self {
+        Self {
+            head: head.into(),
+            worker: worker.into(),
+        }
+    }
+
+    /// The binaries next to the running executable, or one directory up:
+    /// an example runs from `target/<profile>/examples/`, a binary from
+    /// `target/<profile>/`, and the services sit in `target/<profile>/`.
+    pub fn beside_current_exe() -> Result<Self> {
+        let exe = std::env::current_exe().map_err(io_err("finding the current executable"))?;
+        let dir = exe.parent();
+        let candidates = [dir, dir.and_then(Path::parent)];
+        for dir in candidates.into_iter().flatten() {
+            let head = dir.join("tether-head");
+            let worker = dir.join("tether-worker");
+            if head.is_file() && worker.is_file() {
+                return Ok(Self { head, worker });
+            }
+        }
+        Err(HarnessError::BinaryMissing(format!(
+            "tether-head and tether-worker are not next to {} nor one directory up; build them with `cargo build --bins` (with --release for a release build)",
+            exe.display()
+        )))
+    }
+
+    /// The executable of `role`.
+    pub fn of(&self, role: Role) -> &Path {
+        match role {
+            Role::Head => &self.head,
+            Role::Worker => &self.worker,
+        }
+    }
+}
+
+/// Which service a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// `tether-head`.
+    Head,
+    /// `tether-worker`.
+    Worker,
+}
+
+/// One spawned head or worker. Killed with SIGKILL and reaped on drop.
+#[derive(Debug)]
+pub struct Process {
+    /// The `--id` it was given.
+    pub id: String,
+    /// Head or worker.
+    pub role: Role,
+    /// The `--listen` address it was given (and advertises).
+    pub addr: SocketAddr,
+    /// Its stdout and stderr, interleaved.
+    log: PathBuf,
+    child: Child,
+    /// Set once the exit status was collected: from then on the pid may
+    /// belong to another process, so no signal may be sent to it.
+    exited: Option<ExitStatus>,
+}
+
+impl Process {
+    /// The OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The file holding its stdout and stderr.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The last `n` lines of its log, for failure messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        tail_of(&self.log, n)
+    }
+
+    /// Its exit status, if it exited (collecting it if needed).
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    /// Sends `signal`. Fails if the process already exited, rather than
+    /// risk signalling whatever process reused its pid.
+    pub fn signal(&mut self, signal: Signal) -> Result<()> {
+        if let Some(status) = self.exit_status() {
+            return Err(HarnessError::Usage(format!(
+                "{} already exited ({status}); not sending SIG{}",
+                self.id,
+                signal.name()
+            )));
+        }
+        send_signal(self.pid(), signal)
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) -> Result<()> {
+        self.signal(Signal::Kill)
+    }
+
+    /// SIGSTOP: the process hangs with its sockets open.
+    pub fn stop(&mut self) -> Result<()> {
+        self.signal(Signal::Stop)
+    }
+
+    /// SIGCONT: a stopped process resumes.
+    pub fn cont(&mut self) -> Result<()> {
+        self.signal(Signal::Cont)
+    }
+
+    /// SIGTERM: a clean exit.
+    pub fn terminate(&mut self) -> Result<()> {
+        self.signal(Signal::Term)
+    }
+
+    /// Waits up to `timeout` for the process to exit; its status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = wait_child(&mut self.child, timeout);
+        }
+        self.exited
+    }
+
+    /// Waits until the process accepts TCP connections on its address.
+    /// Fails early, with its log, if it exits instead.
+    pub fn wait_listening(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.exit_status() {
+                return Err(HarnessError::Exited(format!(
+                    "{} exited ({status}) instead of listening on {}; its log ends with:\n{}",
+                    self.id,
+                    self.addr,
+                    self.log_tail(20)
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(HarnessError::Timeout(format!(
+                    "{} did not listen on {} within {timeout:?}; its log ends with:\n{}",
+                    self.id,
+                    self.addr,
+                    self.log_tail(20)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            kill_and_reap(&mut self.child);
+        }
+    }
+}
+
+/// A Redis server and the heads and workers spawned against it, with one
+/// directory for their logs. Dropping it kills every process, then Redis.
+#[derive(Debug)]
+pub struct Cluster {
+    binaries: Binaries,
+    /// In spawn order; ids are unique.
+    processes: Vec<Process>,
+    redis: RedisServer,
+    /// Holds one log file per process; removed on drop unless panicking.
+    dir: PathBuf,
+}
+
+impl Cluster {
+    /// A cluster with a fresh Redis on a free port.
+    pub fn start(binaries: Binaries) -> Result<Self> {
+        Self::with_redis(binaries, RedisServer::start()?)
+    }
+
+    /// A cluster around `redis`, which may be stopped (see
+    /// [`RedisServer::stopped`]) to start processes before Redis.
+    pub fn with_redis(binaries: Binaries, redis: RedisServer) -> Result<Self> {
+        Ok(Self {
+            binaries,
+            processes: Vec::new(),
+            redis,
+            dir: temp_dir("cluster")?,
+        })
+    }
+
+    /// The Redis server.
+    pub fn redis(&self) -> &RedisServer {
+        &self.redis
+    }
+
+    /// The Redis server, to kill or restart it.
+    pub fn redis_mut(&mut self) -> &mut RedisServer {
+        &mut self.redis
+    }
+
+    /// The directory holding the processes' logs.
+    pub fn log_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Spawns a `tether-head` on a free port; see [`Cluster::spawn`].
+    pub fn spawn_head(&mut self, id: &str, extra_args: &[&str]) -> Result<&Process> {
+        self.spawn(Role::Head, id, extra_args)
+    }
+
+    /// Spawns a `tether-worker` on a free port; see [`Cluster::spawn`].
+    pub fn spawn_worker(&mut self, id: &str, extra_args: &[&str]) -> Result<&Process> {
+        self.spawn(Role::Worker, id, extra_args)
+    }
+
+    /// Spawns a head or worker with `--id id`, `--listen 127.0.0.1:PORT`
+    /// on a free port, `--redis-url` of this cluster's Redis, then
+    /// `extra_args` (timings, for example). Does not wait for it to listen:
+    /// see [`Process::wait_listening`] and [`wait_serving`].
+    ///
+    /// `TETHER_*` variables of this process are not passed on, so that the
+    /// caller's environment cannot change a child's configuration.
+    pub fn spawn(&mut self, role: Role, id: &str, extra_args: &[&str]) -> Result<&Process> {
+        if self.process(id).is_some() {
+            return Err(HarnessError::Usage(format!("a process with id {id:?} already exists")));
+        }
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        // The id is used in the file name: keep it to safe characters.
+        let safe: String = id
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .collect();
+        let log = self.dir.join(format!("{}-{safe}.log", self.processes.len()));
+        let out = File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(io_err("duplicating the log file handle"))?;
+        let program = self.binaries.of(role);
+        let mut command = Command::new(program);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("TETHER_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .args(["--id", id])
+            .args(["--listen", &addr.to_string()])
+            .args(["--redis-url", &self.redis.url()])
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(io_err(format!("starting {}", program.display())))?;
+        self.processes.push(Process {
+            id: id.to_owned(),
+            role,
+            addr,
+            log,
+            child,
+            exited: None,
+        });
+        Ok(self.processes.last().expect("just pushed"))
+    }
+
+    /// Waits until every process that has not exited accepts connections.
+    pub fn wait_all_listening(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for p in &mut self.processes {
+            if p.exited.is_none() {
+                p.wait_listening(deadline.saturating_duration_since(Instant::now()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The process with `id`.
+    pub fn process(&self, id: &str) -> Option<&Process> {
+        self.processes.iter().find(|p| p.id == id)
+    }
+
+    /// The process with `id`, to signal it.
+    pub fn process_mut(&mut self, id: &str) -> Option<&mut Process> {
+        self.processes.iter_mut().find(|p| p.id == id)
+    }
+
+    /// Every head, in spawn order.
+    pub fn heads(&self) -> impl Iterator<Item = &Process> {
+        self.processes.iter().filter(|p| p.role == Role::Head)
+    }
+
+    /// Every worker, in spawn order.
+    pub fn workers(&self) -> impl Iterator<Item = &Process> {
+        self.processes.iter().filter(|p| p.role == Role::Worker)
+    }
+
+    /// Takes the process with `id` out of the cluster; dropping it kills it.
+    pub fn remove(&mut self, id: &str) -> Option<Process> {
+        let index = self.processes.iter().position(|p| p.id == id)?;
+        Some(self.processes.remove(index))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Processes first, so that none of them logs a Redis outage that
+        // only the teardown caused.
+        self.processes.clear();
+        self.redis.kill();
+        clean_up_dir(&self.dir);
+    }
+}
+
+/// Runs `program` with `args` to its end, for commands expected to exit
+/// on their own (bad configuration, `--help`). Kills it and fails if it
+/// is still running after `timeout`.
+pub fn run_to_exit(program: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io_err(format!("starting {}", program.display())))?;
+    // Pipes are drained on their own threads so that a chatty child never
+    // blocks on a full pipe while we wait for it.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let status = wait_child(&mut child, timeout);
+    if status.is_none() {
+        kill_and_reap(&mut child);
+    }
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    match status {
+        Some(status) => Ok(Output {
+            status,
+            stdout,
+            stderr,
+        }),
+        None => Err(HarnessError::Timeout(format!(
+            "{} {args:?} was still running after {timeout:?}; stderr:\n{}",
+            program.display(),
+            String::from_utf8_lossy(&stderr)
+        ))),
+    }
+}
+
+/// A channel to `addr` that connects on first use and reconnects after a
+/// failure, so one channel serves a process across its outages.
+pub fn channel(addr: SocketAddr) -> Channel {
+    Endpoint::from(
+        format!("http://{addr}")
+            .parse::<tonic::transport::Uri>()
+            .expect("a socket address makes a valid URI"),
+    )
+    .connect_timeout(Duration::from_secs(1))
+    .tcp_nodelay(true)
+    .connect_lazy()
+}
+
+/// A `HeadService` client for the head at `addr`. Calls made with it carry
+/// no timeout of their own: wrap them in `tokio::time::timeout`.
+pub fn head_client(addr: SocketAddr) -> HeadServiceClient<Channel> {
+    HeadServiceClient::new(channel(addr))
+}
+
+/// A `WorkerService` client for the worker at `addr`.
+pub fn worker_client(addr: SocketAddr) -> WorkerServiceClient<Channel> {
+    WorkerServiceClient::new(channel(addr))
+}
+
+/// Runs one call under [`RPC_TIMEOUT`] and turns its failure into a
+/// [`HarnessError::Rpc`] naming the call and the peer.
+async fn bounded<T>(
+    what: &'static str,
+    addr: SocketAddr,
+    call: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    match tokio::time::timeout(RPC_TIMEOUT, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(HarnessError::Rpc {
+            what,
+            addr,
+            code: status.code(),
+            message: status.message().to_owned(),
+        }),
+        Err(_) => Err(HarnessError::Rpc {
+            what,
+            addr,
+            code: tonic::Code::DeadlineExceeded,
+            message: format!("no answer within {RPC_TIMEOUT:?}"),
+        }),
+    }
+}
+
+/// Asks processes how they are, reusing one channel per address: polling
+/// thirty workers every few milliseconds must not open a connection per
+/// poll, or the probing would load the machine it measures.
+#[derive(Debug, Default)]
+pub struct Probe {
+    channels: HashMap<SocketAddr, Channel>,
+}
+
+impl Probe {
+    /// A probe with no channel open yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn channel(&mut self, addr: SocketAddr) -> Channel {
+        self.channels
+            .entry(addr)
+            .or_insert_with(|| channel(addr))
+            .clone()
+    }
+
+    /// `WorkerService.Status` of the worker at `addr`.
+    pub async fn worker_status(&mut self, addr: SocketAddr) -> Result<WorkerStatus> {
+        let mut client = WorkerServiceClient::new(self.channel(addr));
+        bounded("Status", addr, client.status(StatusRequest {})).await
+    }
+
+    /// `HeadService.ListWorkers` of the head at `addr`.
+    pub async fn list_workers(&mut self, addr: SocketAddr) -> Result<ListWorkersResponse> {
+        let mut client = HeadServiceClient::new(self.channel(addr));
+        bounded("ListWorkers", addr, client.list_workers(ListWorkersRequest {})).await
+    }
+
+    /// The health of `service` (`""` for the whole server) at `addr`.
+    pub async fn health(&mut self, addr: SocketAddr, service: &str) -> Result<ServingStatus> {
+        let mut client = HealthClient::new(self.channel(addr));
+        let request = HealthCheckRequest {
+            service: service.to_owned(),
+        };
+        let answer = bounded("Health.Check", addr, client.check(request)).await?;
+        Ok(ServingStatus::try_from(answer.status).unwrap_or(ServingStatus::Unknown))
+    }
+}
+
+/// `WorkerService.Status` of the worker at `addr`, over a new connection.
+pub async fn worker_status(addr: SocketAddr) -> Result<WorkerStatus> {
+    Probe::new().worker_status(addr).await
+}
+
+/// `HeadService.ListWorkers` of the head at `addr`, over a new connection.
+pub async fn list_workers(addr: SocketAddr) -> Result<ListWorkersResponse> {
+    Probe::new().list_workers(addr).await
+}
+
+/// The health of `service` (`""` for the whole server) at `addr`, over a
+/// new connection.
+pub async fn health_check(addr: SocketAddr, service: &str) -> Result<ServingStatus> {
+    Probe::new().health(addr, service).await
+}
+
+/// Polls `check` every `poll` until it returns true or `timeout` passes.
+/// Returns whether it became true; the caller describes what it saw.
+pub async fn wait_until(
+    timeout: Duration,
+    poll: Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// Waits until `service` at `addr` reports SERVING. The error says what
+/// it reported last.
+pub async fn wait_serving(addr: SocketAddr, service: &str, timeout: Duration) -> Result<()> {
+    let mut probe = Probe::new();
+    let mut last = String::from("nothing yet");
+    let serving = wait_until(timeout, Duration::from_millis(20), async || {
+        match probe.health(addr, service).await {
+            Ok(ServingStatus::Serving) => true,
+            Ok(other) => {
+                last = format!("{other:?}");
+                false
+            }
+            Err(e) => {
+                last = e.to_string();
+                false
+            }
+        }
+    })
+    .await;
+    if serving {
+        Ok(())
+    } else {
+        Err(HarnessError::Timeout(format!(
+            "{service:?} at {addr} was not SERVING within {timeout:?}; last answer: {last}"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_parse() {
+        let mut input: &[u8] = b"*3\r\n:1\r\n$3\r\nabc\r\n$-1\r\n";
+        assert_eq!(
+            Reply::read(&mut input).unwrap(),
+            Reply::Array(Some(vec![
+                Reply::Integer(1),
+                Reply::Bulk(Some(b"abc".to_vec())),
+                Reply::Bulk(None),
+            ]))
+        );
+        let mut input: &[u8] = b"-ERR nope\r\n";
+        assert_eq!(Reply::read(&mut input).unwrap(), Reply::Error("ERR nope".into()));
+        let mut input: &[u8] = b"?\r\n";
+        assert!(Reply::read(&mut input).is_err());
+    }
+
+    #[test]
+    fn missing_redis_names_the_fix() {
+        assert_eq!(
+            HarnessError::RedisMissing.to_string(),
+            "redis-server is not on PATH; run `make test` (it installs it) or `sudo apt-get install -y redis-server`"
+        );
+    }
+
+    #[test]
+    fn tails_keep_the_last_lines() {
+        let dir = temp_dir("tail-test").unwrap();
+        let path = dir.join("log");
+        std::fs::write(&path, "a\nb\nc\n").unwrap();
+        assert_eq!(tail_of(&path, 2), "b\nc");
+        assert_eq!(tail_of(&path, 10), "a\nb\nc");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
