@@ -12,6 +12,7 @@
 //! simulated workers behave exactly alike.
 
 use crate::backoff::{Backoff, Jitter};
+use crate::metrics::METRICS;
 use crate::pb::head_service_client::HeadServiceClient;
 use crate::pb::{HeadBeat, ReassignReason, ReassignRequest, Redirect, RedirectReason, WorkerBeat};
 use crate::placement;
@@ -180,9 +181,21 @@ pub async fn run(
         };
         failures = 0;
         backoff.reset();
+        let reason = if previous.is_some() {
+            ReassignReason::HeadLost
+        } else {
+            ReassignReason::Startup
+        };
+        METRICS.reassignments[reason as usize].inc();
+        METRICS.workers_attached.add(1);
+        if let Some(lost_at) = status.borrow().lost_at {
+            METRICS.failover.observe(lost_at.elapsed());
+        }
         publish_attached(&status, &link, true);
         info!(worker = %cfg.worker_id, head = %link.head.id, epoch = link.epoch, "attached");
-        match hold(&cfg, &registry, link, &status, &mut shutdown).await {
+        let ended = hold(&cfg, &registry, link, &status, &mut shutdown).await;
+        METRICS.workers_attached.add(-1);
+        match ended {
             Ended::Shutdown => return,
             Ended::Lost {
                 head_id,
@@ -391,6 +404,8 @@ async fn hold(
     let mut ticks = beat_timer(link.interval);
     let mut sequence = 0u64;
     let mut moving: Option<Move<'_>> = None;
+    let mut moving_since = Instant::now();
+    let mut moving_reason = ReassignReason::Rebalance;
     // Set when the old stream died while a move was under way: the move
     // decides the outcome.
     let mut old_dead = false;
@@ -409,7 +424,9 @@ async fn hold(
                 let beat = WorkerBeat { sequence, ..WorkerBeat::default() };
                 // Full means the head is not reading; its silence will
                 // show up as missing HeadBeats, so dropping is safe.
-                let _ = link.tx.try_send(beat);
+                if link.tx.try_send(beat).is_ok() {
+                    METRICS.beats_sent.inc();
+                }
             }
             message = link.inbound.message(), if !old_dead => match message {
                 Ok(Some(beat)) => {
@@ -418,13 +435,24 @@ async fn hold(
                     }
                     deadline.as_mut().reset(tokio::time::Instant::now() + link.timeout);
                     let now = Instant::now();
+                    METRICS.beats_received.inc();
                     status.send_modify(|s| {
                         if let Some(last) = s.last_head_beat {
-                            s.max_beat_gap = s.max_beat_gap.max(now.duration_since(last));
+                            let gap = now.duration_since(last);
+                            s.max_beat_gap = s.max_beat_gap.max(gap);
+                            if gap > link.interval * 3 / 2 {
+                                let missed = (gap.as_secs_f64() / link.interval.as_secs_f64()).round() as u64;
+                                METRICS.missed_beats.add(missed.saturating_sub(1).max(1));
+                            }
                         }
                         s.last_head_beat = Some(now);
                     });
                     if let (Some(redirect), None) = (beat.redirect, &moving) {
+                        moving_since = Instant::now();
+                        moving_reason = match redirect.reason() {
+                            RedirectReason::Drain => ReassignReason::HeadDraining,
+                            _ => ReassignReason::Rebalance,
+                        };
                         info!(worker = %cfg.worker_id, head = %link.head.id, to = %redirect.suggested_head_id, reason = redirect.reason().as_str_name(), "head asks us to move");
                         moving = Some(Box::pin(follow(cfg, registry, redirect, link.head.id.clone())));
                     }
@@ -439,6 +467,8 @@ async fn hold(
                     Ok(new_link) => {
                         info!(worker = %cfg.worker_id, from = %link.head.id, to = %new_link.head.id, epoch = new_link.epoch, "moved");
                         publish_attached(status, &new_link, false);
+                        METRICS.handoff.observe(moving_since.elapsed());
+                        METRICS.reassignments[moving_reason as usize].inc();
                         // Dropping the old link closes the old stream, now
                         // that the new head beats.
                         link = new_link;

@@ -150,24 +150,36 @@ mod tests {
     }
 }
 
-/// Flags that heads and workers share. Parsed by the binaries (the library
-/// itself never reads flags or the environment).
+/// Where the registry is. Shared by every binary, tetherctl included.
 #[derive(Debug, Clone, clap::Args)]
-pub struct CommonArgs {
+pub struct RegistryArgs {
     /// Redis holding the registry. A password may be given in the URL;
     /// it is never logged. `rediss://` for TLS.
-    #[arg(long, env = "TETHER_REDIS_URL", default_value = "redis://127.0.0.1:6379", value_parser = parse_redis_url, hide_env_values = true)]
+    #[arg(long, env = "TETHER_REDIS_URL", default_value = "redis://127.0.0.1:6379", value_parser = parse_redis_url, hide_env_values = true, hide_default_value = false)]
     pub redis_url: String,
 
     /// Namespace of the registry keys (`{NAMESPACE}:...`), so several
     /// clusters can share one Redis.
     #[arg(long, env = "TETHER_NAMESPACE", default_value = "tether", value_parser = parse_namespace)]
     pub namespace: String,
+}
+
+/// Flags that heads and workers share. Parsed by the binaries (the library
+/// itself never reads flags or the environment).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 
     /// Log format: human-readable `text` or one JSON object per line.
     /// The level comes from RUST_LOG (default info).
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: crate::telemetry::LogFormat,
+
+    /// Serve Prometheus metrics over HTTP at `GET /metrics` on this
+    /// address (e.g. 0.0.0.0:9090). Off when not set.
+    #[arg(long, env = "TETHER_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 
     #[command(flatten)]
     pub security: crate::security::SecurityArgs,

@@ -11,6 +11,7 @@
 //!   the descriptor set that reflection serves.
 //! - [`registry`]: everything in Redis: key layout, head leases,
 //!   assignments with epochs (Lua scripts).
+//! - [`events`]: membership events through Redis pub/sub.
 //! - [`placement`]: rendezvous ordering of heads for a worker.
 //! - [`attach`]: the worker side of the protocol, shared by `tether-worker`
 //!   and the benchmark.
@@ -18,6 +19,7 @@
 //! - [`security`]: optional TLS / mutual TLS and the bearer-token layer.
 //! - [`config`]: flag types (durations, Redis URL, ids) and validation.
 //! - [`telemetry`]: tracing set-up (text or JSON).
+//! - [`metrics`]: Prometheus counters and histograms, and `/metrics`.
 //! - [`shutdown`]: signals and cancellation.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`localcluster`]: a real Redis, heads and workers as local processes.
@@ -25,7 +27,9 @@
 pub mod attach;
 pub mod backoff;
 pub mod config;
+pub mod events;
 pub mod localcluster;
+pub mod metrics;
 pub mod pb;
 pub mod placement;
 pub mod registry;

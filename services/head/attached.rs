@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use tether::metrics::METRICS;
 use tokio::sync::Notify;
 
 /// Marks "no load reported" in [`Stream::load_bits`].
@@ -111,8 +112,9 @@ impl Attached {
             redirected_ms: AtomicI64::new(0),
         });
         let old = self.lock().insert(worker_id, stream.clone());
-        if let Some(old) = old {
-            old.replaced.notify_one();
+        match old {
+            Some(old) => old.replaced.notify_one(),
+            None => METRICS.workers_attached.add(1),
         }
         stream
     }
@@ -125,6 +127,7 @@ impl Attached {
             .is_some_and(|s| Arc::ptr_eq(s, stream))
         {
             map.remove(&stream.worker_id);
+            METRICS.workers_attached.add(-1);
         }
     }
 

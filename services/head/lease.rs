@@ -95,6 +95,7 @@ pub struct LeaseLoop {
     pub state: Arc<LeaseState>,
     pub attached: Arc<Attached>,
     pub health: HealthReporter,
+    pub events: tether::events::Events,
 }
 
 impl LeaseLoop {
@@ -124,6 +125,7 @@ impl LeaseLoop {
             attached,
             health,
             every,
+            events,
         } = self;
         match registry
             .refresh_lease(lease, state.advertised_state())
@@ -171,6 +173,16 @@ impl LeaseLoop {
                 state.held.store(true, Ordering::Relaxed);
                 if !was_held {
                     info!(head = %lease.head_id, addr = %lease.addr, ttl = ?lease.ttl, "registered in the registry");
+                    if !refresh.existed {
+                        events.emit(
+                            tether::pb::EventKind::HeadJoined,
+                            &lease.head_id,
+                            "",
+                            0,
+                            "",
+                            &lease.addr,
+                        );
+                    }
                 }
                 *failures = 0;
             }

@@ -28,6 +28,8 @@ pub struct Rebalance {
     pub rate: f64,
     /// A worker attached or redirected more recently is left alone.
     pub cooldown: Duration,
+    /// To announce heads whose lease expired.
+    pub events: tether::events::Events,
 }
 
 impl Rebalance {
@@ -55,6 +57,7 @@ impl Rebalance {
                     continue;
                 }
             };
+            tether::metrics::METRICS.heads_live.set(heads.len() as i64);
             let now = Instant::now();
             let known = known
                 .get_or_insert_with(|| heads.iter().map(|h| (h.id.clone(), (None, now))).collect());
@@ -66,6 +69,23 @@ impl Rebalance {
                         info!(head = %self.head_id, joined = %h.id, "a head joined; rebalancing its share to it");
                         (Some(now), now)
                     });
+            }
+            // A head that vanished without saying goodbye: its lease
+            // expired. The live head with the smallest id announces it, so
+            // one event goes out, not one per head.
+            let announcer =
+                heads.iter().map(|h| h.id.as_str()).min() == Some(self.head_id.as_str());
+            for (id, (_, seen)) in known.iter() {
+                if *seen != now && now.duration_since(*seen) < self.interval * 3 / 2 && announcer {
+                    self.events.emit(
+                        tether::pb::EventKind::HeadGone,
+                        id,
+                        "",
+                        0,
+                        "",
+                        "lease expired",
+                    );
+                }
             }
             known.retain(|_, (_, seen)| now.duration_since(*seen) < NEW_HEAD_WINDOW);
             let ready: Vec<_> = heads.iter().filter(|h| h.state == "ready").collect();

@@ -12,6 +12,7 @@ use crate::Args;
 use std::sync::Arc;
 use tether::config::{advertise_addr, default_id};
 use tether::pb::head_service_server::HeadServiceServer;
+use tether::pb::EventKind;
 use tether::registry::{now_ms, LeaseInfo, Registry};
 use tether::security::ServerSecurity;
 use tether::server::{self, MAX_MESSAGE_BYTES};
@@ -41,7 +42,11 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
         warn!(%advertise, "listening on a wildcard address without --advertise; workers on other machines cannot reach {advertise}");
     }
     let id = args.id.clone().unwrap_or_else(|| default_id("head"));
-    let registry = match Registry::new(&args.common.redis_url, &args.common.namespace, 16) {
+    let registry = match Registry::new(
+        &args.common.registry.redis_url,
+        &args.common.registry.namespace,
+        16,
+    ) {
         Ok(r) => r,
         Err(e) => {
             error!(error = %e, "cannot set up the registry");
@@ -50,6 +55,16 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
     };
     let slack_permille = (args.balance_slack * 1000.0).round() as u32;
 
+    let metrics_listener = match args.common.metrics_listen {
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                error!(listen = %addr, error = %e, "cannot listen for metrics");
+                return 1;
+            }
+        },
+        None => None,
+    };
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_not_serving::<HeadServiceServer<HeadSvc>>().await;
 
@@ -60,10 +75,13 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
     let (closing_trigger, closing) = shutdown::channel();
 
     let ticks = crate::beat::start(args.heartbeat_interval, closing.clone());
+    let closing_for_metrics = closing.clone();
     let lease_state = Arc::new(LeaseState::default());
     let attached = Arc::new(Attached::default());
     let drain = Arc::new(Drain::new(args.drain_timeout));
+    let events = tether::events::Events::start(registry.clone(), closing.clone());
     let lease_loop = Arc::new(LeaseLoop {
+        events: events.clone(),
         registry: registry.clone(),
         lease: LeaseInfo {
             head_id: id.clone(),
@@ -90,6 +108,7 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
             interval: args.heartbeat_interval,
             rate: args.rebalance_rate,
             cooldown: args.rebalance_cooldown,
+            events: events.clone(),
         }
         .run(stopping.clone()),
     );
@@ -110,6 +129,7 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
         ticks,
         stopping,
         closing,
+        events: events.clone(),
     };
     let head_service = HeadServiceServer::new(svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -129,6 +149,13 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
                 let _ = server_stopped.await;
             }),
     );
+    if let Some(l) = metrics_listener {
+        tokio::spawn(tether::metrics::serve(
+            l,
+            tether::metrics::Role::Head,
+            closing_for_metrics,
+        ));
+    }
     info!(head = %id, listen = %bound, %advertise, "head serving");
 
     tokio::select! {
@@ -152,6 +179,7 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
     let leave = async {
         // Drain: advertise it at once, then hand every worker over.
         lease_state.start_draining();
+        events.emit(EventKind::HeadDraining, &id, "", 0, "", "");
         lease_loop.refresh_once(&mut 0).await;
         Handoff {
             head_id: id.clone(),
@@ -167,7 +195,10 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
         let _ = lease_task.await;
         let _ = rebalance_task.await;
         match registry.deregister(&id).await {
-            Ok(()) => info!(head = %id, "left the registry"),
+            Ok(()) => {
+                info!(head = %id, "left the registry");
+                events.emit(EventKind::HeadGone, &id, "", 0, "", "left the registry");
+            }
             Err(e) => {
                 warn!(head = %id, error = %e, "could not leave the registry; the lease will expire by itself")
             }

@@ -14,10 +14,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tether::config::validate_id;
+use tether::events::Events;
+use tether::metrics::METRICS;
 use tether::pb::head_service_server::HeadService;
 use tether::pb::{
-    DrainRequest, DrainResponse, HeadBeat, ListWorkersRequest, ListWorkersResponse, ReassignReason,
-    ReassignRequest, ReassignResponse, WorkerBeat,
+    ClusterEvent, DrainRequest, DrainResponse, EventKind, HeadBeat, ListWorkersRequest,
+    ListWorkersResponse, ReassignReason, ReassignRequest, ReassignResponse, WatchEventsRequest,
+    WorkerBeat,
 };
 use tether::registry::{now_ms, AssignRequest, Registry, RegistryError};
 use tether::shutdown::Shutdown;
@@ -31,6 +34,10 @@ const MAX_ADDR_LEN: usize = 256;
 
 /// The response stream of `Heartbeat`.
 pub type BeatStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<HeadBeat, Status>> + Send>>;
+
+/// The response stream of `WatchEvents`.
+pub type EventStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<ClusterEvent, Status>> + Send>>;
 
 /// What the head service needs to know about its own head.
 #[derive(Debug, Clone)]
@@ -66,6 +73,8 @@ pub struct HeadSvc {
     pub stopping: Shutdown,
     /// Triggered once the head left the registry: end every stream.
     pub closing: Shutdown,
+    /// Membership events, published and watched.
+    pub events: Events,
 }
 
 impl HeadSvc {
@@ -175,6 +184,17 @@ impl HeadService for HeadSvc {
                 )),
                 other => Status::unavailable(format!("cannot record the assignment: {other}")),
             })?;
+        METRICS.reassignments[reason as usize % METRICS.reassignments.len()].inc();
+        if !req.previous_head_id.is_empty() && req.previous_head_id != *me {
+            self.events.emit(
+                EventKind::WorkerMoved,
+                me,
+                &req.worker_id,
+                epoch,
+                &req.previous_head_id,
+                reason.as_str_name(),
+            );
+        }
         info!(
             previous = %req.previous_head_id,
             reason = reason.as_str_name(),
@@ -215,6 +235,14 @@ impl HeadService for HeadSvc {
                 .insert(first.worker_id.clone(), first.epoch, worker_addr, now_ms());
         stream.record(first.sequence, first.load, now_ms());
         debug!(worker = %first.worker_id, epoch = first.epoch, "stream open");
+        self.events.emit(
+            EventKind::WorkerAttached,
+            &self.cfg.id,
+            &first.worker_id,
+            first.epoch,
+            "",
+            "stream open",
+        );
 
         // Two slots: the first beat and one tick. A worker that stops
         // reading fills them; further beats are dropped, never queued.
@@ -239,6 +267,43 @@ impl HeadService for HeadSvc {
             head_id: self.cfg.id.clone(),
             workers: self.attached.list(),
         }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        _request: Request<WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.refuse_if_stopping()?;
+        let mut events = self.events.watch();
+        let mut closing = self.closing.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = closing.wait() => return,
+                    _ = tx.closed() => return,
+                    event = events.recv() => match event {
+                        Ok(event) => {
+                            if tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            let _ = tx.send(Err(Status::resource_exhausted(format!(
+                                "this watcher fell {n} events behind; reconnect to continue"
+                            )))).await;
+                            return;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx)) as EventStream
+        ))
     }
 
     async fn drain(
@@ -283,13 +348,26 @@ impl StreamTask {
         let s = &self.stream;
         debug!(worker = %s.worker_id, epoch = s.epoch, ?end, "stream closed");
         if end == End::WorkerGone {
-            if let Err(e) = self
-                .svc
+            // A worker that moved on (handoff) is not "left": only report
+            // it when its assignment here was still current.
+            let svc = &self.svc;
+            match svc
                 .registry
-                .release(&self.svc.cfg.id, &s.worker_id, s.epoch)
+                .release(&svc.cfg.id, &s.worker_id, s.epoch)
                 .await
             {
-                debug!(worker = %s.worker_id, error = %e, "could not release the assignment");
+                Ok(true) => svc.events.emit(
+                    EventKind::WorkerLeft,
+                    &svc.cfg.id,
+                    &s.worker_id,
+                    s.epoch,
+                    "",
+                    "stream closed or went silent",
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    debug!(worker = %s.worker_id, error = %e, "could not release the assignment")
+                }
             }
         }
     }
@@ -346,15 +424,18 @@ impl StreamTask {
                         continue;
                     }
                     match self.tx.try_send(Ok(self.beat(tick))) {
-                        Ok(()) => {}
+                        Ok(()) => METRICS.beats_sent.inc(),
                         // The worker is not reading; it will miss this beat
                         // and, if it stays stuck, time out and move.
-                        Err(mpsc::error::TrySendError::Full(_)) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => METRICS.missed_beats.inc(),
                         Err(mpsc::error::TrySendError::Closed(_)) => return End::WorkerGone,
                     }
                 }
                 message = self.inbound.message() => match message {
-                    Ok(Some(beat)) => self.stream.record(beat.sequence, beat.load, now_ms()),
+                    Ok(Some(beat)) => {
+                        METRICS.beats_received.inc();
+                        self.stream.record(beat.sequence, beat.load, now_ms());
+                    }
                     Ok(None) | Err(_) => return End::WorkerGone,
                 },
             }

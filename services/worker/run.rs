@@ -38,7 +38,11 @@ pub async fn run(
     let (advertise, _) = advertise_addr(args.advertise.as_deref(), bound);
     let id = args.id.clone().unwrap_or_else(|| default_id("worker"));
     // A worker only reads the registry, one call at a time.
-    let registry = match Registry::new(&args.common.redis_url, &args.common.namespace, 2) {
+    let registry = match Registry::new(
+        &args.common.registry.redis_url,
+        &args.common.registry.namespace,
+        2,
+    ) {
         Ok(r) => r,
         Err(e) => {
             error!(error = %e, "cannot set up the registry");
@@ -46,6 +50,16 @@ pub async fn run(
         }
     };
 
+    let metrics_listener = match args.common.metrics_listen {
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                error!(listen = %addr, error = %e, "cannot listen for metrics");
+                return 1;
+            }
+        },
+        None => None,
+    };
     let (health, health_svc) = tonic_health::server::health_reporter();
     let (trigger, stop) = shutdown::channel();
     let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::default());
@@ -86,6 +100,13 @@ pub async fn run(
                 server_stop.wait().await;
             }),
     );
+    if let Some(l) = metrics_listener {
+        tokio::spawn(tether::metrics::serve(
+            l,
+            tether::metrics::Role::Worker,
+            stop.clone(),
+        ));
+    }
     info!(worker = %id, listen = %bound, %advertise, "worker serving");
 
     let signal = tokio::select! {

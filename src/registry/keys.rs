@@ -73,6 +73,11 @@ impl Keys {
         format!("{}{worker_id}", self.worker_prefix())
     }
 
+    /// The pub/sub channel of membership events.
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
     /// The epoch counter.
     pub fn epoch(&self) -> String {
         format!("{}:epoch", self.prefix)

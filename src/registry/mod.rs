@@ -124,6 +124,9 @@ pub struct LeaseInfo {
 #[derive(Clone)]
 pub struct Registry {
     pool: Pool,
+    /// For the one pub/sub connection a head holds (pooled connections
+    /// cannot subscribe).
+    client: redis::Client,
     keys: Keys,
     op_timeout: Duration,
 }
@@ -163,8 +166,11 @@ impl Registry {
         let pool = cfg
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|_| RegistryError::Protocol("invalid Redis URL".into()))?;
+        let client = redis::Client::open(url)
+            .map_err(|_| RegistryError::Protocol("invalid Redis URL".into()))?;
         Ok(Self {
             pool,
+            client,
             keys: Keys::new(namespace),
             op_timeout,
         })
@@ -190,9 +196,47 @@ impl Registry {
                 .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
             op(conn).await.map_err(classify)
         };
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.op_timeout, work)
+            .await
+            .map_err(|_| RegistryError::Unavailable("timed out".into()))
+            .and_then(|r| r);
+        let m = &crate::metrics::METRICS;
+        m.redis_latency.observe(started.elapsed());
+        if matches!(
+            result,
+            Err(RegistryError::Unavailable(_) | RegistryError::Protocol(_))
+        ) {
+            m.redis_errors.inc();
+        }
+        result
+    }
+
+    /// Publishes an encoded membership event to every head.
+    pub async fn publish_event(&self, payload: Vec<u8>) -> Result<()> {
+        let channel = self.keys.events();
+        self.with_conn(|mut c| async move {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(payload)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// A dedicated connection subscribed to the membership events.
+    pub async fn subscribe_events(&self) -> Result<redis::aio::PubSubStream> {
+        let work = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(self.keys.events()).await?;
+            Ok(pubsub.into_on_message())
+        };
         tokio::time::timeout(self.op_timeout, work)
             .await
             .map_err(|_| RegistryError::Unavailable("timed out".into()))?
+            .map_err(classify)
     }
 
     /// Checks that Redis answers.

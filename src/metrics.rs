@@ -1,0 +1,332 @@
+//! Prometheus metrics: a few counters, gauges and histograms kept in
+//! atomics (no lock, no allocation on the beat path), rendered in the text
+//! exposition format by a tiny HTTP endpoint (`--metrics-listen`).
+//!
+//! One process-wide set: a process is either a head or a worker (or a
+//! benchmark simulating many workers, which then sees their sum).
+
+use crate::shutdown::Shutdown;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+/// A monotonically increasing count.
+#[derive(Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    const fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    const fn new() -> Self {
+        Self(AtomicI64::new(0))
+    }
+    /// Sets the value.
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    /// Adds `d` (may be negative).
+    pub fn add(&self, d: i64) {
+        self.0.fetch_add(d, Ordering::Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds of the histogram buckets, in seconds: from 1 ms (a local
+/// Redis call) to 10 s (a failover that waited for a timeout).
+pub const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// A latency histogram over [`BUCKETS`].
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    const fn new() -> Self {
+        Self {
+            buckets: [const { AtomicU64::new(0) }; BUCKETS.len()],
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// How many observations were recorded.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// Reasons a worker moves, as label values, indexed like `ReassignReason`.
+pub const REASONS: [&str; 5] = [
+    "unspecified",
+    "startup",
+    "head_lost",
+    "head_draining",
+    "rebalance",
+];
+
+/// Every metric Tether keeps.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Heads: live heads in the registry, as last read.
+    pub heads_live: Gauge,
+    /// Heads: open worker streams. Workers: 1 while attached.
+    pub workers_attached: Gauge,
+    /// Heartbeats this process sent.
+    pub beats_sent: Counter,
+    /// Heartbeats this process received.
+    pub beats_received: Counter,
+    /// Heads: beats not sent because the worker was not reading. Workers:
+    /// expected HeadBeats that did not arrive (gaps over 1.5 intervals).
+    pub missed_beats: Counter,
+    /// Adoptions (heads) or moves (workers), by reason.
+    pub reassignments: [Counter; 5],
+    /// Workers: from losing a head to the first beat of the next one.
+    pub failover: Histogram,
+    /// Workers: from a redirect to the first beat of the new head.
+    pub handoff: Histogram,
+    /// Registry calls that failed.
+    pub redis_errors: Counter,
+    /// Registry call latency.
+    pub redis_latency: Histogram,
+}
+
+/// The process-wide metrics.
+pub static METRICS: Metrics = Metrics {
+    heads_live: Gauge::new(),
+    workers_attached: Gauge::new(),
+    beats_sent: Counter::new(),
+    beats_received: Counter::new(),
+    missed_beats: Counter::new(),
+    reassignments: [const { Counter::new() }; 5],
+    failover: Histogram::new(),
+    handoff: Histogram::new(),
+    redis_errors: Counter::new(),
+    redis_latency: Histogram::new(),
+};
+
+/// Which process renders: a head and a worker expose different sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `tether-head`.
+    Head,
+    /// `tether-worker`.
+    Worker,
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: i64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
+}
+
+/// The metrics in Prometheus text format.
+pub fn render(role: Role) -> String {
+    let m = &METRICS;
+    let mut out = String::with_capacity(4096);
+    match role {
+        Role::Head => {
+            gauge(
+                &mut out,
+                "tether_heads_live",
+                "Live heads in the registry, as this head last read it.",
+                m.heads_live.get(),
+            );
+            gauge(
+                &mut out,
+                "tether_workers_attached",
+                "Workers whose heartbeat stream is open on this head.",
+                m.workers_attached.get(),
+            );
+        }
+        Role::Worker => {
+            gauge(
+                &mut out,
+                "tether_worker_attached",
+                "1 while this worker is attached to a head.",
+                m.workers_attached.get(),
+            );
+        }
+    }
+    counter(
+        &mut out,
+        "tether_beats_sent_total",
+        "Heartbeats sent.",
+        m.beats_sent.get(),
+    );
+    counter(
+        &mut out,
+        "tether_beats_received_total",
+        "Heartbeats received.",
+        m.beats_received.get(),
+    );
+    counter(&mut out, "tether_missed_beats_total", "Heartbeats missed (heads: not sent to a worker that was not reading; workers: expected head beats that did not arrive).", m.missed_beats.get());
+    let name = "tether_reassignments_total";
+    let _ = writeln!(out, "# HELP {name} Workers adopted (heads) or moves made (workers), by reason.\n# TYPE {name} counter");
+    for (i, reason) in REASONS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{name}{{reason=\"{reason}\"}} {}",
+            m.reassignments[i].get()
+        );
+    }
+    if role == Role::Worker {
+        m.failover.render(
+            &mut out,
+            "tether_failover_seconds",
+            "From losing a head to the first beat of the next one.",
+        );
+        m.handoff.render(
+            &mut out,
+            "tether_handoff_seconds",
+            "From a head's redirect to the first beat of the new head.",
+        );
+    }
+    counter(
+        &mut out,
+        "tether_redis_errors_total",
+        "Registry calls that failed.",
+        m.redis_errors.get(),
+    );
+    m.redis_latency.render(
+        &mut out,
+        "tether_redis_latency_seconds",
+        "Latency of registry calls.",
+    );
+    out
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`. Deliberately
+/// minimal: one short request per connection, bounded in size and time.
+pub async fn serve(listener: TcpListener, role: Role, mut shutdown: Shutdown) {
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait() => return,
+        };
+        let (mut socket, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            continue; // Over the bound: drop the connection.
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut buf = [0u8; 2048];
+            let read = tokio::time::timeout(Duration::from_secs(2), socket.read(&mut buf)).await;
+            let n = match read {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) =
+                if request.starts_with("GET /metrics ") || request.starts_with("GET /metrics?") {
+                    ("200 OK", render(role))
+                } else {
+                    (
+                        "404 Not Found",
+                        "only GET /metrics is served here\n".to_owned(),
+                    )
+                };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(e) = socket.write_all(response.as_bytes()).await {
+                debug!(error = %e, "metrics: write failed");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_render_cumulative_buckets() {
+        let h = Histogram::new();
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_millis(30));
+        let mut out = String::new();
+        h.render(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"0.005\"} 1"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.05\"} 2"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 2"), "{out}");
+        assert!(out.contains("x_count 2"), "{out}");
+    }
+
+    #[test]
+    fn both_roles_render() {
+        assert!(render(Role::Head).contains("tether_workers_attached"));
+        assert!(render(Role::Worker).contains("tether_failover_seconds_bucket"));
+    }
+}
