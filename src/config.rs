@@ -37,13 +37,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Checks that a Redis URL parses, without connecting. The error never
 /// repeats the URL, which may hold a password.
 pub fn parse_redis_url(text: &str) -> Result<String, String> {
-    use deadpool_redis::redis::IntoConnectionInfo;
-    text.into_connection_info()
-        .map(|_| text.to_owned())
-        .map_err(|_| {
-            "invalid Redis URL: expected redis://[user:password@]host[:port][/db] or rediss://..."
-                .to_owned()
-        })
+    crate::registry::Topology::parse(text).map(|_| text.to_owned())
 }
 
 /// The longest id a worker or head may have, in bytes.

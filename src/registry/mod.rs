@@ -5,12 +5,17 @@
 //! Every call is bounded by a timeout, so a hung Redis shows up as an
 //! error the caller can report and retry, never as a stuck task.
 
+mod backend;
 mod keys;
 mod scripts;
 
+pub use backend::Topology;
+use backend::{AnyConn, Pools};
+use std::sync::Arc;
+
 pub use keys::Keys;
 
-use deadpool_redis::{redis, Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_redis::{redis, PoolConfig, Timeouts};
 use std::future::Future;
 use std::time::Duration;
 
@@ -123,10 +128,10 @@ pub struct LeaseInfo {
 /// Cheap to clone.
 #[derive(Clone)]
 pub struct Registry {
-    pool: Pool,
-    /// For the one pub/sub connection a head holds (pooled connections
-    /// cannot subscribe).
-    client: redis::Client,
+    pools: Pools,
+    /// Where to hold the one pub/sub connection a head needs (pooled
+    /// connections cannot subscribe).
+    topology: Arc<Topology>,
     keys: Keys,
     op_timeout: Duration,
 }
@@ -153,8 +158,8 @@ impl Registry {
     /// first call does, so a process may start before Redis.
     pub fn new(url: &str, namespace: &str, pool_size: usize) -> Result<Self> {
         let op_timeout = Duration::from_secs(2);
-        let mut cfg = deadpool_redis::Config::from_url(url);
-        cfg.pool = Some(PoolConfig {
+        let topology = Topology::parse(url).map_err(RegistryError::Protocol)?;
+        let pool = PoolConfig {
             max_size: pool_size.max(1),
             timeouts: Timeouts {
                 wait: Some(op_timeout),
@@ -162,15 +167,11 @@ impl Registry {
                 recycle: Some(op_timeout),
             },
             ..PoolConfig::default()
-        });
-        let pool = cfg
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|_| RegistryError::Protocol("invalid Redis URL".into()))?;
-        let client = redis::Client::open(url)
-            .map_err(|_| RegistryError::Protocol("invalid Redis URL".into()))?;
+        };
+        let pools = Pools::new(&topology, pool).map_err(RegistryError::Protocol)?;
         Ok(Self {
-            pool,
-            client,
+            pools,
+            topology: Arc::new(topology),
             keys: Keys::new(namespace),
             op_timeout,
         })
@@ -185,15 +186,11 @@ impl Registry {
     /// operation timeout.
     async fn with_conn<T, F, Fut>(&self, op: F) -> Result<T>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(AnyConn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let work = async {
-            let conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+            let conn = self.pools.get().await.map_err(RegistryError::Unavailable)?;
             op(conn).await.map_err(classify)
         };
         let started = std::time::Instant::now();
@@ -229,7 +226,8 @@ impl Registry {
     /// A dedicated connection subscribed to the membership events.
     pub async fn subscribe_events(&self) -> Result<redis::aio::PubSubStream> {
         let work = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
+            let client = backend::pubsub_client(&self.topology).await?;
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(self.keys.events()).await?;
             Ok(pubsub.into_on_message())
         };

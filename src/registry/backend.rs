@@ -1,0 +1,223 @@
+//! The three Redis topologies the registry runs on, behind one connection
+//! type: a single server (`redis://` or `rediss://`), Redis Cluster (a
+//! comma-separated list of node URLs) and Sentinel
+//! (`redis+sentinel://host:port[,host:port...]/MASTER`).
+//!
+//! Every key shares one hash tag, so on Redis Cluster each script runs on
+//! the one node that owns the namespace's slot.
+
+use deadpool_redis::redis::{self, aio::ConnectionLike, Cmd, Pipeline, RedisFuture, Value};
+use deadpool_redis::{PoolConfig, Runtime};
+
+/// A parsed `--redis-url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topology {
+    /// One server.
+    Single(String),
+    /// Redis Cluster, by some of its nodes.
+    Cluster(Vec<String>),
+    /// A master found through Sentinel.
+    Sentinel {
+        /// `redis://host:port` of each sentinel.
+        sentinels: Vec<String>,
+        /// The monitored master's name.
+        master: String,
+    },
+}
+
+impl Topology {
+    /// Parses the URL forms above. Errors never repeat the URL (it may
+    /// hold a password).
+    pub fn parse(url: &str) -> Result<Self, String> {
+        use redis::IntoConnectionInfo;
+        let bad = || {
+            "invalid Redis URL: expected redis://[user:password@]host[:port][/db], rediss://..., a comma-separated list of node URLs (Redis Cluster), or redis+sentinel://host:port[,host:port]/MASTER".to_owned()
+        };
+        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            let (hosts, master) = rest.split_once('/').ok_or_else(bad)?;
+            if master.is_empty() || hosts.is_empty() {
+                return Err(bad());
+            }
+            let sentinels: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}")).collect();
+            for s in &sentinels {
+                s.as_str().into_connection_info().map_err(|_| bad())?;
+            }
+            return Ok(Self::Sentinel {
+                sentinels,
+                master: master.to_owned(),
+            });
+        }
+        let urls: Vec<String> = url.split(',').map(|u| u.trim().to_owned()).collect();
+        for u in &urls {
+            u.as_str().into_connection_info().map_err(|_| bad())?;
+        }
+        Ok(if urls.len() == 1 {
+            Self::Single(urls.into_iter().next().unwrap_or_default())
+        } else {
+            Self::Cluster(urls)
+        })
+    }
+}
+
+/// A pool for one of the topologies.
+#[derive(Clone)]
+pub enum Pools {
+    Single(deadpool_redis::Pool),
+    Cluster(deadpool_redis::cluster::Pool),
+    Sentinel(deadpool_redis::sentinel::Pool),
+}
+
+/// A pooled connection of any topology.
+pub enum AnyConn {
+    Single(deadpool_redis::Connection),
+    Cluster(deadpool_redis::cluster::Connection),
+    Sentinel(deadpool_redis::sentinel::Connection),
+}
+
+impl Pools {
+    /// Pools for `topology` with `pool` settings.
+    pub fn new(topology: &Topology, pool: PoolConfig) -> Result<Self, String> {
+        let err = |e: &dyn std::fmt::Display| format!("cannot set up the Redis pool: {e}");
+        Ok(match topology {
+            Topology::Single(url) => {
+                let mut cfg = deadpool_redis::Config::from_url(url.clone());
+                cfg.pool = Some(pool);
+                Self::Single(
+                    cfg.create_pool(Some(Runtime::Tokio1))
+                        .map_err(|e| err(&e))?,
+                )
+            }
+            Topology::Cluster(urls) => {
+                let mut cfg = deadpool_redis::cluster::Config::from_urls(urls.clone());
+                cfg.pool = Some(pool);
+                Self::Cluster(
+                    cfg.create_pool(Some(Runtime::Tokio1))
+                        .map_err(|e| err(&e))?,
+                )
+            }
+            Topology::Sentinel { sentinels, master } => {
+                let mut cfg = deadpool_redis::sentinel::Config::from_urls(
+                    sentinels.clone(),
+                    master.clone(),
+                    deadpool_redis::sentinel::SentinelServerType::Master,
+                );
+                cfg.pool = Some(pool);
+                Self::Sentinel(
+                    cfg.create_pool(Some(Runtime::Tokio1))
+                        .map_err(|e| err(&e))?,
+                )
+            }
+        })
+    }
+
+    /// A connection from the pool.
+    pub async fn get(&self) -> Result<AnyConn, String> {
+        match self {
+            Self::Single(p) => p
+                .get()
+                .await
+                .map(AnyConn::Single)
+                .map_err(|e| e.to_string()),
+            Self::Cluster(p) => p
+                .get()
+                .await
+                .map(AnyConn::Cluster)
+                .map_err(|e| e.to_string()),
+            Self::Sentinel(p) => p
+                .get()
+                .await
+                .map(AnyConn::Sentinel)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+impl ConnectionLike for AnyConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Sentinel(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+            Self::Sentinel(c) => c.get_db(),
+        }
+    }
+}
+
+/// The server to hold the pub/sub connection on: pooled connections
+/// cannot subscribe. On Cluster any node hears every PUBLISH; on Sentinel
+/// the current master is asked for at each (re)subscription, so a
+/// failover is followed.
+pub async fn pubsub_client(topology: &Topology) -> redis::RedisResult<redis::Client> {
+    match topology {
+        Topology::Single(url) => redis::Client::open(url.as_str()),
+        Topology::Cluster(urls) => redis::Client::open(urls[0].as_str()),
+        Topology::Sentinel { sentinels, master } => {
+            let mut last = None;
+            for s in sentinels {
+                let attempt = async {
+                    let client = redis::Client::open(s.as_str())?;
+                    let mut conn = client.get_multiplexed_async_connection().await?;
+                    let (host, port): (String, u16) = redis::cmd("SENTINEL")
+                        .arg("get-master-addr-by-name")
+                        .arg(master)
+                        .query_async(&mut conn)
+                        .await?;
+                    redis::Client::open(format!("redis://{host}:{port}"))
+                };
+                match attempt.await {
+                    Ok(c) => return Ok(c),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| {
+                redis::RedisError::from((redis::ErrorKind::Client, "no sentinel given"))
+            }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_into_topologies() {
+        assert_eq!(
+            Topology::parse("redis://h:1").unwrap(),
+            Topology::Single("redis://h:1".into())
+        );
+        assert!(
+            matches!(Topology::parse("redis://a:1,redis://b:2").unwrap(), Topology::Cluster(v) if v.len() == 2)
+        );
+        assert_eq!(
+            Topology::parse("redis+sentinel://a:26379,b:26380/mymaster").unwrap(),
+            Topology::Sentinel {
+                sentinels: vec!["redis://a:26379".into(), "redis://b:26380".into()],
+                master: "mymaster".into()
+            }
+        );
+        assert!(Topology::parse("redis+sentinel://a:26379").is_err());
+        let err = Topology::parse("http://user:secret@x").unwrap_err();
+        assert!(!err.contains("secret"));
+    }
+}
