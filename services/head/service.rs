@@ -401,7 +401,10 @@ impl StreamTask {
                     if let Some(redirect) = self.stream.take_redirect() {
                         let mut beat = self.beat(*ticks.borrow());
                         beat.redirect = Some(redirect);
-                        if let Err(mpsc::error::TrySendError::Closed(_)) = self.tx.try_send(Ok(beat)) {
+                        // A redirect must not be dropped like a beat: wait
+                        // (briefly) for room if the worker is slow to read.
+                        let sent = tokio::time::timeout(self.svc.cfg.interval, self.tx.send(Ok(beat))).await;
+                        if let Ok(Err(_)) = sent {
                             return End::WorkerGone;
                         }
                     }
