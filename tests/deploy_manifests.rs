@@ -1,0 +1,537 @@
+//! The deployment files say only what the binaries understand:
+//! `docker-compose.yml` and `deploy/kubernetes/*.yaml` pass no `--flag`
+//! and no `TETHER_*` variable that `tether-head --help` or
+//! `tether-worker --help` does not list, and their time budgets fit the
+//! drain (a grace period shorter than the drain gets a head SIGKILLed
+//! mid-drain). Also the two Dockerfiles end in the same runtime image.
+//!
+//! The YAML is read line by line: the files are ours and plain (block
+//! style, two-space indents), and the tree has no YAML crate. A change of
+//! layout that this reading cannot follow fails loudly rather than being
+//! skipped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+use tether::localcluster::run_to_exit;
+
+/// Which binary a piece of a manifest configures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    Head,
+    Worker,
+    /// Settings shared by head and worker services (a compose anchor).
+    Both,
+    /// Not a Tether binary (Redis): may not carry Tether settings.
+    Other,
+}
+
+/// What one binary accepts, read from its `--help`.
+#[derive(Debug, Default)]
+struct Accepted {
+    flags: BTreeSet<String>,
+    env: BTreeSet<String>,
+}
+
+fn accepted(binary: &str) -> Accepted {
+    let output = run_to_exit(Path::new(binary), &["--help"], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{binary} --help: {e}"));
+    assert!(
+        output.status.success(),
+        "{binary} --help: {}",
+        output.status
+    );
+    let help = String::from_utf8_lossy(&output.stdout);
+    let mut accepted = Accepted::default();
+    for line in help.lines().map(str::trim_start) {
+        // Option lines: `--name <VALUE>` or `-h, --help`.
+        if line.starts_with('-') {
+            if let Some(flag) = flags_in(line).into_iter().next() {
+                accepted.flags.insert(flag);
+            }
+        }
+        if let Some(rest) = line.strip_prefix("[env: ") {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            accepted.env.insert(name);
+        }
+    }
+    assert!(
+        accepted.flags.contains("--redis-url") && accepted.env.contains("TETHER_REDIS_URL"),
+        "could not read {binary} --help: {accepted:?}"
+    );
+    accepted
+}
+
+/// Every `--flag` token in a line.
+fn flags_in(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = line;
+    while let Some(at) = rest.find("--") {
+        let after = &rest[at + 2..];
+        let before_ok = at == 0 || !rest.as_bytes()[at - 1].is_ascii_alphanumeric();
+        let name: String = after
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        if before_ok && name.starts_with(|c: char| c.is_ascii_lowercase()) {
+            out.push(format!("--{name}"));
+        }
+        rest = &after[name.len()..];
+    }
+    out
+}
+
+/// The text of a line without its comment (none of our values holds `#`).
+fn uncommented(line: &str) -> &str {
+    match line.find('#') {
+        Some(at) if at == 0 || line.as_bytes()[at - 1] == b' ' => &line[..at],
+        _ => line,
+    }
+}
+
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start().len()
+}
+
+/// A `TETHER_*` name that a line defines: a compose map key
+/// (`TETHER_X: value`), a compose list entry (`- TETHER_X=value`) or a
+/// Kubernetes env entry (`- name: TETHER_X`).
+fn env_defined(line: &str) -> Option<String> {
+    let t = uncommented(line).trim();
+    let t = t.strip_prefix("- ").unwrap_or(t).trim_start();
+    let t = t.strip_prefix("name:").map(str::trim_start).unwrap_or(t);
+    let t = t.trim_start_matches('"');
+    if !t.starts_with("TETHER_") {
+        return None;
+    }
+    let name: String = t
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    Some(name)
+}
+
+/// One part of a manifest that configures a binary.
+#[derive(Debug)]
+struct Part {
+    /// File and part name, for messages.
+    place: String,
+    role: Role,
+    lines: Vec<String>,
+}
+
+impl Part {
+    fn flags(&self) -> Vec<String> {
+        self.lines
+            .iter()
+            .flat_map(|l| flags_in(uncommented(l)))
+            .collect()
+    }
+
+    fn env(&self) -> Vec<String> {
+        self.lines.iter().filter_map(|l| env_defined(l)).collect()
+    }
+
+    /// The value of the first `key: value` line, quotes removed.
+    fn value(&self, key: &str) -> Option<String> {
+        self.lines.iter().find_map(|l| {
+            let t = uncommented(l).trim();
+            let t = t.strip_prefix("- ").unwrap_or(t);
+            t.strip_prefix(key)
+                .and_then(|r| r.strip_prefix(':'))
+                .map(|v| v.trim().trim_matches('"').to_owned())
+        })
+    }
+
+    /// The value given to env var `name`, compose style or Kubernetes
+    /// style.
+    fn env_value(&self, name: &str) -> Option<String> {
+        let at = self
+            .lines
+            .iter()
+            .position(|l| env_defined(l).as_deref() == Some(name))?;
+        let line = uncommented(&self.lines[at]).trim();
+        if line.starts_with("- name:") {
+            let next = self.lines.get(at + 1)?;
+            return next
+                .trim()
+                .strip_prefix("value:")
+                .map(|v| v.trim().trim_matches('"').to_owned());
+        }
+        let (_, value) = line.split_once(':').or_else(|| line.split_once('='))?;
+        Some(value.trim().trim_matches('"').to_owned())
+    }
+
+    fn contains(&self, needle: &str) -> bool {
+        self.lines.iter().any(|l| uncommented(l).contains(needle))
+    }
+}
+
+fn read(path: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// docker-compose.yml in parts: each service, and each top-level `x-`
+/// extension (anchors the services merge in).
+fn compose_parts() -> Vec<Part> {
+    let text = read("docker-compose.yml");
+    let mut parts: Vec<Part> = Vec::new();
+    let mut top = String::new();
+    for line in text.lines() {
+        let code = uncommented(line);
+        if code.trim().is_empty() {
+            continue;
+        }
+        let key = code.trim().split(':').next().unwrap_or("").to_owned();
+        match indent(code) {
+            0 => {
+                top = key.clone();
+                if top.starts_with("x-") {
+                    parts.push(compose_part(&top));
+                }
+                continue;
+            }
+            2 if top == "services" => {
+                parts.push(compose_part(&key));
+                continue;
+            }
+            _ => {}
+        }
+        if top == "services" || top.starts_with("x-") {
+            parts
+                .last_mut()
+                .expect("a part is open inside services and x- blocks")
+                .lines
+                .push(line.to_owned());
+        }
+    }
+    parts
+}
+
+fn compose_part(name: &str) -> Part {
+    let role = match name {
+        "x-tether" => Role::Both,
+        n if n.starts_with("x-head") || n.starts_with("head") => Role::Head,
+        n if n.starts_with("worker") => Role::Worker,
+        "redis" => Role::Other,
+        other => panic!(
+            "docker-compose.yml has a new part {other:?}: tell tests/deploy_manifests.rs what it runs"
+        ),
+    };
+    Part {
+        place: format!("docker-compose.yml {name}"),
+        role,
+        lines: Vec::new(),
+    }
+}
+
+/// Every Kubernetes manifest, one part per YAML document, with the role
+/// named by its `app.kubernetes.io/component` label.
+fn kubernetes_parts() -> Vec<Part> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    let mut parts = Vec::new();
+    for file in files {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (i, doc) in text.split("\n---").enumerate() {
+            let lines: Vec<String> = doc.lines().map(str::to_owned).collect();
+            let kind = lines.iter().find_map(|l| {
+                uncommented(l)
+                    .trim()
+                    .strip_prefix("kind:")
+                    .map(|k| k.trim().to_owned())
+            });
+            if kind.is_none() || kind.as_deref() == Some("Kustomization") {
+                continue;
+            }
+            let mut part = Part {
+                place: format!("deploy/kubernetes/{name} document {}", i + 1),
+                role: Role::Other,
+                lines,
+            };
+            part.role = match part.value("app.kubernetes.io/component").as_deref() {
+                Some("head") => Role::Head,
+                Some("worker") => Role::Worker,
+                Some("redis") => Role::Other,
+                other => panic!(
+                    "{}: component label {other:?} is not head, worker or redis",
+                    part.place
+                ),
+            };
+            parts.push(part);
+        }
+    }
+    parts
+}
+
+/// Parses `45s`, `30s`, `1m`, `1500ms` (what these files use).
+fn seconds(text: &str) -> f64 {
+    let text = text.trim().trim_matches('"');
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (text, 1.0)
+    };
+    number
+        .parse::<f64>()
+        .unwrap_or_else(|_| panic!("not a duration: {text:?}"))
+        * scale
+}
+
+/// The head's default `--shutdown-timeout`, from its `--help`.
+fn default_shutdown_timeout() -> f64 {
+    let output = run_to_exit(
+        Path::new(env!("CARGO_BIN_EXE_tether-head")),
+        &["--help"],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout).into_owned();
+    let after = help
+        .split("--shutdown-timeout")
+        .nth(1)
+        .expect("--shutdown-timeout is in --help");
+    let default = after
+        .split("[default: ")
+        .nth(1)
+        .and_then(|d| d.split(']').next())
+        .expect("--shutdown-timeout has a default");
+    seconds(default)
+}
+
+#[test]
+fn manifests_pass_only_flags_and_variables_the_binaries_accept() {
+    let head = accepted(env!("CARGO_BIN_EXE_tether-head"));
+    let worker = accepted(env!("CARGO_BIN_EXE_tether-worker"));
+    let mut problems = Vec::new();
+    let mut checked: BTreeMap<Role, usize> = BTreeMap::new();
+    let parts: Vec<Part> = compose_parts()
+        .into_iter()
+        .chain(kubernetes_parts())
+        .collect();
+    for part in &parts {
+        let against: Vec<(&str, &Accepted)> = match part.role {
+            Role::Head => vec![("tether-head", &head)],
+            Role::Worker => vec![("tether-worker", &worker)],
+            Role::Both => vec![("tether-head", &head), ("tether-worker", &worker)],
+            Role::Other => {
+                for name in part.env() {
+                    problems.push(format!(
+                        "{}: sets {name}, but it runs no Tether binary",
+                        part.place
+                    ));
+                }
+                continue;
+            }
+        };
+        for flag in part.flags() {
+            *checked.entry(part.role).or_default() += 1;
+            for (binary, accepted) in &against {
+                if !accepted.flags.contains(&flag) {
+                    problems.push(format!("{}: {binary} has no flag {flag}", part.place));
+                }
+            }
+        }
+        for name in part.env() {
+            *checked.entry(part.role).or_default() += 1;
+            for (binary, accepted) in &against {
+                if !accepted.env.contains(&name) {
+                    problems.push(format!("{}: {binary} reads no variable {name}", part.place));
+                }
+            }
+        }
+    }
+    eprintln!("settings checked per role: {checked:?}");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // The reading found something to check in each kind of part.
+    for role in [Role::Head, Role::Worker] {
+        assert!(
+            checked.get(&role).copied().unwrap_or(0) >= 3,
+            "few settings found for {role:?}: {checked:?}"
+        );
+    }
+}
+
+#[test]
+fn kubernetes_env_references_come_from_earlier_entries() {
+    // Kubernetes expands $(NAME) only from variables defined earlier in the
+    // same list; a later or missing one stays literal text.
+    let mut problems = Vec::new();
+    for part in kubernetes_parts() {
+        let mut defined: BTreeSet<String> = BTreeSet::new();
+        for line in &part.lines {
+            let t = uncommented(line).trim();
+            if let Some(name) = t.strip_prefix("- name:") {
+                defined.insert(name.trim().trim_matches('"').to_owned());
+            }
+            if let Some(value) = t.strip_prefix("value:") {
+                let mut rest = value;
+                while let Some(at) = rest.find("$(") {
+                    let name: String = rest[at + 2..].chars().take_while(|c| *c != ')').collect();
+                    if !defined.contains(&name) {
+                        problems.push(format!(
+                            "{}: $({name}) is not defined before its use",
+                            part.place
+                        ));
+                    }
+                    rest = &rest[at + 2 + name.len()..];
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn kubernetes_heads_advertise_the_pod_ip_probe_health_and_outlast_their_drain() {
+    let parts = kubernetes_parts();
+    let deployment = |role: Role| {
+        parts
+            .iter()
+            .find(|p| p.role == role && p.value("kind").as_deref() == Some("Deployment"))
+            .unwrap_or_else(|| panic!("no {role:?} Deployment in deploy/kubernetes"))
+    };
+    let head = deployment(Role::Head);
+    assert!(
+        head.contains("fieldPath: status.podIP"),
+        "{}: POD_IP from the downward API",
+        head.place
+    );
+    assert_eq!(
+        head.env_value("TETHER_ADVERTISE").as_deref(),
+        Some("$(POD_IP):7070")
+    );
+    assert_eq!(head.value("containerPort").as_deref(), Some("7070"));
+    for service in ["service: \"\"", "service: tether.v1.HeadService"] {
+        assert!(
+            head.contains(service),
+            "{}: a gRPC probe with {service}",
+            head.place
+        );
+    }
+    assert!(head.contains("preStop:"), "{}: a preStop hook", head.place);
+
+    let grace = seconds(
+        &head
+            .value("terminationGracePeriodSeconds")
+            .expect("a grace period"),
+    );
+    let drain = seconds(
+        &head
+            .env_value("TETHER_DRAIN_TIMEOUT")
+            .expect("TETHER_DRAIN_TIMEOUT"),
+    );
+    let shutdown = head
+        .env_value("TETHER_SHUTDOWN_TIMEOUT")
+        .map_or_else(default_shutdown_timeout, |v| seconds(&v));
+    let pre_stop = head
+        .lines
+        .iter()
+        .find_map(|l| l.split("[\"sleep\", \"").nth(1))
+        .map_or(0.0, |n| seconds(n.trim_end_matches("\"]")));
+    assert!(
+        grace > pre_stop + drain + shutdown,
+        "{}: terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop} s + drain {drain} s + shutdown {shutdown} s",
+        head.place
+    );
+
+    let worker = deployment(Role::Worker);
+    assert_eq!(
+        worker.env_value("TETHER_ADVERTISE").as_deref(),
+        Some("$(POD_IP):7071")
+    );
+    assert!(
+        worker.contains("service: tether.v1.WorkerService"),
+        "{}: readiness on WorkerService",
+        worker.place
+    );
+
+    let hpa = parts
+        .iter()
+        .find(|p| p.value("kind").as_deref() == Some("HorizontalPodAutoscaler"))
+        .expect("an HPA example");
+    assert_eq!(hpa.role, Role::Head);
+    assert_eq!(hpa.value("name").as_deref(), Some("tether-head"));
+}
+
+#[test]
+fn compose_heads_outlast_their_drain_and_workers_can_scale() {
+    let parts = compose_parts();
+    let part = |name: &str| {
+        parts
+            .iter()
+            .find(|p| p.place.ends_with(&format!(" {name}")))
+            .unwrap_or_else(|| panic!("docker-compose.yml has no {name}"))
+    };
+    let env = part("x-head-env");
+    let drain = seconds(
+        &env.env_value("TETHER_DRAIN_TIMEOUT")
+            .expect("TETHER_DRAIN_TIMEOUT"),
+    );
+    let shutdown = env
+        .env_value("TETHER_SHUTDOWN_TIMEOUT")
+        .map_or_else(default_shutdown_timeout, |v| seconds(&v));
+    for name in ["head-1", "head-2"] {
+        let head = part(name);
+        let grace = seconds(&head.value("stop_grace_period").expect("stop_grace_period"));
+        assert!(
+            grace > drain + shutdown,
+            "{name}: stop_grace_period {grace} s must exceed drain {drain} s + shutdown {shutdown} s"
+        );
+        // Heads advertise an alias of the beats network, which must exist.
+        let advertise = head
+            .env_value("TETHER_ADVERTISE")
+            .expect("TETHER_ADVERTISE");
+        let host = advertise.split(':').next().unwrap();
+        assert!(
+            head.contains(&format!("aliases: [{host}]")),
+            "{name} advertises {advertise}, but has no network alias {host}"
+        );
+    }
+    // `--scale worker=N` needs replicas without fixed names, ids or ports.
+    let worker = part("worker");
+    for fixed in ["container_name:", "hostname:", "ports:", "TETHER_ID"] {
+        assert!(
+            !worker.contains(fixed),
+            "the worker service sets {fixed}, so it cannot scale"
+        );
+    }
+}
+
+#[test]
+fn both_dockerfiles_end_in_the_same_runtime_image() {
+    let runtime = |path: &str| -> Vec<String> {
+        let text = read(path);
+        let last_stage = text.rsplit("\nFROM ").next().unwrap().to_owned();
+        last_stage
+            .lines()
+            .filter(|l| {
+                ["USER ", "EXPOSE ", "ENTRYPOINT ", "CMD ", "STOPSIGNAL "]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    let built = runtime("Dockerfile");
+    let prebuilt = runtime("deploy/Dockerfile.prebuilt");
+    assert!(built.len() >= 4, "Dockerfile's runtime stage: {built:?}");
+    assert_eq!(
+        built, prebuilt,
+        "Dockerfile and deploy/Dockerfile.prebuilt differ in their runtime settings"
+    );
+}
