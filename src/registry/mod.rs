@@ -295,7 +295,8 @@ impl Registry {
                 .key(k.epoch())
                 .arg(head_id)
                 .arg(k.worker_prefix())
-                .arg(lease_ttl.as_millis() as u64);
+                .arg(lease_ttl.as_millis() as u64)
+                .arg(now_ms());
             for (worker, epoch) in chunk {
                 inv.arg(worker).arg(*epoch);
             }
@@ -431,6 +432,20 @@ fn classify(e: redis::RedisError) -> RegistryError {
             return RegistryError::AtCapacity { load, capacity };
         }
         _ => {}
+    }
+    let text = e.to_string();
+    if [
+        "NOAUTH",
+        "WRONGPASS",
+        "unauthenticated",
+        "invalid username-password",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+    {
+        return RegistryError::Unavailable(
+            "Redis refused the credentials: check the user and password in --redis-url".into(),
+        );
     }
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
         RegistryError::Unavailable(e.to_string())

@@ -119,6 +119,11 @@ if not (prev == me and redis.call('SISMEMBER', KEYS[4], worker) == 1) then
     return redis.error_reply('CAPACITY ' .. load .. ' ' .. cap)
   end
 end
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  -- A lost counter (fresh, restarted or flushed Redis) restarts from the
+  -- clock, far above any epoch handed out before, so epochs keep growing.
+  redis.call('SET', KEYS[3], string.format('%.0f', tonumber(ARGV[3]) * 1000))
+end
 local epoch = redis.call('INCR', KEYS[3])
 if prev and prev ~= me then
   redis.call('SREM', ARGV[5] .. prev, worker)
@@ -140,14 +145,18 @@ return epoch
 /// that another head or a newer epoch took meanwhile.
 ///
 /// KEYS: the head's worker set, epoch counter.
-/// ARGV: head id, worker key prefix, lease ms, then worker id and epoch
-/// pairs. Returns the worker ids the head must let go.
+/// ARGV: head id, worker key prefix, lease ms, now ms, then worker id and
+/// epoch pairs. Returns the worker ids the head must let go.
 pub static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local me, stale = ARGV[1], {}
-local top = tonumber(redis.call('GET', KEYS[2]) or '0')
-for i = 4, #ARGV, 2 do
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  -- See ASSIGN: a lost counter restarts from the clock.
+  redis.call('SET', KEYS[2], string.format('%.0f', tonumber(ARGV[4]) * 1000))
+end
+local top = tonumber(redis.call('GET', KEYS[2]))
+for i = 5, #ARGV, 2 do
   local worker, epoch = ARGV[i], ARGV[i + 1]
   local key = ARGV[2] .. worker
   local a = redis.call('HMGET', key, 'head', 'epoch')
@@ -165,7 +174,7 @@ for i = 4, #ARGV, 2 do
 end
 -- Epochs must keep growing even if the counter was lost.
 if top > tonumber(redis.call('GET', KEYS[2]) or '0') then
-  redis.call('SET', KEYS[2], top)
+  redis.call('SET', KEYS[2], string.format('%.0f', top))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return stale
