@@ -42,6 +42,10 @@ pub const REDIS_MISSING: &str = "redis-server is not on PATH; run `make test` (i
 /// build on a busy two-core machine can be slow; a SIGSTOPped peer hits it.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a spawned head or worker may take to accept connections.
+/// Generous for the same reason as [`RPC_TIMEOUT`].
+pub const SPAWN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a freshly started `redis-server` may take to answer PING.
 const REDIS_START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -134,7 +138,11 @@ pub fn free_port() -> Result<u16> {
 fn pick_range() -> (u16, u16) {
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|t| t.split_whitespace().next().and_then(|n| n.parse::<u16>().ok()))
+        .and_then(|t| {
+            t.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u16>().ok())
+        })
         // Linux's default when the file cannot be read.
         .unwrap_or(32768);
     (10_000, ephemeral_low)
@@ -214,6 +222,41 @@ fn send_signal(pid: u32, signal: Signal) -> Result<()> {
     }
 }
 
+/// Whether process `pid` holds a socket listening on `addr` (an IPv4
+/// address), or `None` where `/proc` cannot tell.
+fn owns_listener(pid: u32, addr: SocketAddr) -> Option<bool> {
+    let SocketAddr::V4(v4) = addr else {
+        return None;
+    };
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    // /proc/net/tcp writes the IPv4 address as a little-endian hex word
+    // and the port as big-endian hex; state 0A is LISTEN.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let sockets: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let listening = fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A");
+            listening
+                .then(|| fields.get(9).map(|inode| format!("socket:[{inode}]")))
+                .flatten()
+        })
+        .collect();
+    if sockets.is_empty() {
+        return Some(false);
+    }
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| sockets.iter().any(|s| target.as_os_str() == s.as_str()))
+    }))
+}
+
 /// Waits up to `timeout` for `child` to exit; returns its status if it did.
 fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
@@ -284,7 +327,16 @@ impl RedisServer {
     /// Fails with [`HarnessError::RedisMissing`] when `redis-server` is not
     /// on PATH.
     pub fn start() -> Result<Self> {
-        Self::start_on(free_port()?)
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_on(free_port()?) {
+                // Another process took the port after it was picked.
+                Err(HarnessError::Exited(log))
+                    if attempt < 5 && log.contains("Address already in use") => {}
+                other => return other,
+            }
+        }
     }
 
     /// Starts a server on `port` and waits until it answers PING.
@@ -363,8 +415,12 @@ impl RedisServer {
             .map_err(io_err(format!("starting {}", self.program.display())))?;
         self.child = Some(child);
         let deadline = Instant::now() + REDIS_START_TIMEOUT;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
         loop {
-            if self.ping() {
+            // The answer must come from this server, not from another one
+            // that held the port first.
+            let pid = self.child.as_ref().map_or(0, Child::id);
+            if owns_listener(pid, addr).unwrap_or(true) && self.ping() {
                 return Ok(());
             }
             if !self.is_running() {
@@ -398,8 +454,8 @@ impl RedisServer {
     pub fn command(&self, args: &[&str]) -> Result<Reply> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
         let what = || format!("talking to Redis at {addr}");
-        let mut stream =
-            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(io_err(what()))?;
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+            .map_err(io_err(what()))?;
         stream
             .set_read_timeout(Some(RPC_TIMEOUT))
             .map_err(io_err(what()))?;
@@ -616,12 +672,21 @@ impl Process {
         self.exited
     }
 
-    /// Waits until the process accepts TCP connections on its address.
-    /// Fails early, with its log, if it exits instead.
+    /// Waits until the process listens on its address. Fails early, with
+    /// its log, if it exits instead.
+    ///
+    /// On Linux the listening socket must be the process's own (checked in
+    /// `/proc`): another process that took the port first would accept
+    /// connections too, and the caller would talk to a stranger. Elsewhere
+    /// an accepted connection is taken as proof.
     pub fn wait_listening(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            let listening = match owns_listener(self.pid(), self.addr) {
+                Some(own) => own,
+                None => TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok(),
+            };
+            if listening {
                 return Ok(());
             }
             if let Some(status) = self.exit_status() {
@@ -697,35 +762,77 @@ impl Cluster {
         &self.dir
     }
 
-    /// Spawns a `tether-head` on a free port; see [`Cluster::spawn`].
+    /// Spawns a `tether-head`; see [`Cluster::spawn`].
     pub fn spawn_head(&mut self, id: &str, extra_args: &[&str]) -> Result<&Process> {
         self.spawn(Role::Head, id, extra_args)
     }
 
-    /// Spawns a `tether-worker` on a free port; see [`Cluster::spawn`].
+    /// Spawns a `tether-worker`; see [`Cluster::spawn`].
     pub fn spawn_worker(&mut self, id: &str, extra_args: &[&str]) -> Result<&Process> {
         self.spawn(Role::Worker, id, extra_args)
     }
 
     /// Spawns a head or worker with `--id id`, `--listen 127.0.0.1:PORT`
     /// on a free port, `--redis-url` of this cluster's Redis, then
-    /// `extra_args` (timings, for example). Does not wait for it to listen:
-    /// see [`Process::wait_listening`] and [`wait_serving`].
+    /// `extra_args` (timings, for example), and waits until it accepts
+    /// connections, so its address is final when this returns.
+    ///
+    /// If the port was taken between the pick and the child's bind, the
+    /// child is started again on another port. A child that exits for any
+    /// other reason, or does not listen within [`SPAWN_TIMEOUT`], is an
+    /// error that quotes its log.
     ///
     /// `TETHER_*` variables of this process are not passed on, so that the
     /// caller's environment cannot change a child's configuration.
     pub fn spawn(&mut self, role: Role, id: &str, extra_args: &[&str]) -> Result<&Process> {
         if self.process(id).is_some() {
-            return Err(HarnessError::Usage(format!("a process with id {id:?} already exists")));
+            return Err(HarnessError::Usage(format!(
+                "a process with id {id:?} already exists"
+            )));
         }
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         // The id is used in the file name: keep it to safe characters.
         let safe: String = id
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
-        let log = self.dir.join(format!("{}-{safe}.log", self.processes.len()));
-        let out = File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
+        let log = self
+            .dir
+            .join(format!("{}-{safe}.log", self.processes.len()));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut process = self.start_process(role, id, extra_args, &log)?;
+            match process.wait_listening(SPAWN_TIMEOUT) {
+                Ok(()) => {
+                    self.processes.push(process);
+                    return Ok(self.processes.last().expect("just pushed"));
+                }
+                Err(HarnessError::Exited(_))
+                    if attempt < 5 && process.log_tail(5).contains("Address already in use") =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Starts one child on a fresh port, logging to `log` (truncated).
+    fn start_process(
+        &self,
+        role: Role,
+        id: &str,
+        extra_args: &[&str],
+        log: &Path,
+    ) -> Result<Process> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let out = File::create(log).map_err(io_err(format!("creating {}", log.display())))?;
         let err = out
             .try_clone()
             .map_err(io_err("duplicating the log file handle"))?;
@@ -746,26 +853,14 @@ impl Cluster {
             .stderr(err)
             .spawn()
             .map_err(io_err(format!("starting {}", program.display())))?;
-        self.processes.push(Process {
+        Ok(Process {
             id: id.to_owned(),
             role,
             addr,
-            log,
+            log: log.to_owned(),
             child,
             exited: None,
-        });
-        Ok(self.processes.last().expect("just pushed"))
-    }
-
-    /// Waits until every process that has not exited accepts connections.
-    pub fn wait_all_listening(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        for p in &mut self.processes {
-            if p.exited.is_none() {
-                p.wait_listening(deadline.saturating_duration_since(Instant::now()))?;
-            }
-        }
-        Ok(())
+        })
     }
 
     /// The process with `id`.
@@ -827,8 +922,18 @@ pub fn run_to_exit(program: &Path, args: &[&str], timeout: Duration) -> Result<O
             bytes
         })
     };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
     let status = wait_child(&mut child, timeout);
     if status.is_none() {
         kill_and_reap(&mut child);
@@ -927,7 +1032,12 @@ impl Probe {
     /// `HeadService.ListWorkers` of the head at `addr`.
     pub async fn list_workers(&mut self, addr: SocketAddr) -> Result<ListWorkersResponse> {
         let mut client = HeadServiceClient::new(self.channel(addr));
-        bounded("ListWorkers", addr, client.list_workers(ListWorkersRequest {})).await
+        bounded(
+            "ListWorkers",
+            addr,
+            client.list_workers(ListWorkersRequest {}),
+        )
+        .await
     }
 
     /// The health of `service` (`""` for the whole server) at `addr`.
@@ -1020,7 +1130,10 @@ mod tests {
             ]))
         );
         let mut input: &[u8] = b"-ERR nope\r\n";
-        assert_eq!(Reply::read(&mut input).unwrap(), Reply::Error("ERR nope".into()));
+        assert_eq!(
+            Reply::read(&mut input).unwrap(),
+            Reply::Error("ERR nope".into())
+        );
         let mut input: &[u8] = b"?\r\n";
         assert!(Reply::read(&mut input).is_err());
     }
@@ -1031,6 +1144,19 @@ mod tests {
             HarnessError::RedisMissing.to_string(),
             "redis-server is not on PATH; run `make test` (it installs it) or `sudo apt-get install -y redis-server`"
         );
+    }
+
+    #[test]
+    fn listeners_are_attributed_to_their_owner() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        if let Some(own) = owns_listener(std::process::id(), addr) {
+            assert!(own, "this process listens on {addr}");
+            // pid 1 is never this test.
+            assert_ne!(owns_listener(1, addr), Some(true));
+        }
+        drop(listener);
+        assert_ne!(owns_listener(std::process::id(), addr), Some(true));
     }
 
     #[test]

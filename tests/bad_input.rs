@@ -1,0 +1,228 @@
+//! A head refuses malformed and out-of-date requests with the status code
+//! the protocol documents and a message naming the problem, and records
+//! nothing for them. The requests are made by hand, as a buggy or
+//! malicious client would.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use tether::localcluster::{head_client, wait_serving, Cluster, Probe, Reply};
+use tether::pb::{ReassignRequest, WorkerBeat};
+use tonic::Code;
+
+/// A Redis and two registered heads, without workers.
+async fn two_heads() -> Cluster {
+    let mut cluster = cluster();
+    for i in 0..2 {
+        ok(cluster.spawn_head(&head_id(i), HEAD_ARGS));
+    }
+    for h in cluster.heads() {
+        ok(wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
+    }
+    cluster
+}
+
+fn reassign_request(worker_id: &str) -> ReassignRequest {
+    ReassignRequest {
+        worker_id: worker_id.to_owned(),
+        ..ReassignRequest::default()
+    }
+}
+
+/// Calls `Reassign` on `head` and returns the epoch, or the status.
+async fn reassign(cluster: &Cluster, head: &str, worker_id: &str) -> Result<u64, tonic::Status> {
+    let mut client = head_client(cluster.process(head).expect("a head").addr);
+    let call = client.reassign(reassign_request(worker_id));
+    match tokio::time::timeout(Duration::from_secs(5), call).await {
+        Ok(r) => r.map(|r| r.into_inner().epoch),
+        Err(_) => panic!("Reassign on {head} did not answer"),
+    }
+}
+
+/// Opens `Heartbeat` on `head` with `first` as its first beat and keeps
+/// the request stream open; returns the response stream or the status.
+async fn heartbeat(
+    cluster: &Cluster,
+    head: &str,
+    first: WorkerBeat,
+) -> (
+    Result<tonic::Streaming<tether::pb::HeadBeat>, tonic::Status>,
+    tokio::sync::mpsc::Sender<WorkerBeat>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(first).await.expect("the receiver is alive");
+    let mut client = head_client(cluster.process(head).expect("a head").addr);
+    let call = client.heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let result = match tokio::time::timeout(Duration::from_secs(5), call).await {
+        Ok(r) => r.map(|r| r.into_inner()),
+        Err(_) => panic!("Heartbeat on {head} did not answer"),
+    };
+    (result, tx)
+}
+
+fn beat(worker_id: &str, epoch: u64) -> WorkerBeat {
+    WorkerBeat {
+        worker_id: worker_id.to_owned(),
+        epoch,
+        sequence: 0,
+        load: None,
+    }
+}
+
+/// Asserts that a call failed with `code` and a message containing `words`.
+fn assert_refused<T: std::fmt::Debug>(
+    what: &str,
+    result: &Result<T, tonic::Status>,
+    code: Code,
+    words: &str,
+) {
+    match result {
+        Err(s) if s.code() == code && s.message().contains(words) => {}
+        other => panic!("{what}: expected {code:?} mentioning {words:?}, got {other:?}"),
+    }
+}
+
+/// Every worker id either head lists right now.
+async fn listed(cluster: &Cluster) -> Vec<String> {
+    let mut probe = Probe::new();
+    let mut ids = Vec::new();
+    for h in cluster.heads() {
+        let l = probe
+            .list_workers(h.addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        ids.extend(
+            l.workers
+                .into_iter()
+                .map(|w| format!("{}@{}", w.worker_id, h.id)),
+        );
+    }
+    ids
+}
+
+#[tokio::test]
+async fn reassign_refuses_bad_worker_ids_and_records_nothing() {
+    let cluster = two_heads().await;
+    let long = "w".repeat(129);
+    for (id, words) in [
+        ("", "empty"),
+        (long.as_str(), "129 bytes"),
+        ("bad\u{7}id", "non-printable"),
+        ("bad id", "non-printable"),
+    ] {
+        let result = reassign(&cluster, "head-0", id).await;
+        assert_refused(
+            &format!("Reassign({id:?})"),
+            &result,
+            Code::InvalidArgument,
+            words,
+        );
+    }
+    // 128 bytes is still allowed: the limit is where the protocol says.
+    let at_limit = "w".repeat(128);
+    let result = reassign(&cluster, "head-0", &at_limit).await;
+    assert!(result.is_ok(), "Reassign with a 128-byte id: {result:?}");
+
+    let keys = ok(cluster.redis().command(&["KEYS", "{tether}:worker:*"]));
+    let expected = format!("{{tether}}:worker:{at_limit}").into_bytes();
+    assert_eq!(
+        keys,
+        Reply::Array(Some(vec![Reply::Bulk(Some(expected))])),
+        "only the valid Reassign may leave an assignment in Redis"
+    );
+}
+
+#[tokio::test]
+async fn heartbeat_refuses_a_bad_worker_id() {
+    let cluster = two_heads().await;
+    for (id, words) in [
+        ("", "empty"),
+        (&*"w".repeat(129), "129 bytes"),
+        ("a\tb", "non-printable"),
+    ] {
+        let (result, _tx) = heartbeat(&cluster, "head-0", beat(id, 1)).await;
+        assert_refused(
+            &format!("Heartbeat({id:?})"),
+            &result,
+            Code::InvalidArgument,
+            words,
+        );
+    }
+    let seen = listed(&cluster).await;
+    assert!(
+        seen.is_empty(),
+        "heads list workers after refused streams: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn heartbeat_refuses_unknown_worker_stale_epoch_and_wrong_head() {
+    let cluster = two_heads().await;
+
+    // A worker that never called Reassign.
+    let (result, _tx) = heartbeat(&cluster, "head-0", beat("stranger", 1)).await;
+    assert_refused(
+        "Heartbeat of an unknown worker",
+        &result,
+        Code::FailedPrecondition,
+        "Reassign",
+    );
+
+    // A stale epoch: the second Reassign superseded the first.
+    let first = reassign(&cluster, "head-0", "twice")
+        .await
+        .expect("Reassign");
+    let second = reassign(&cluster, "head-0", "twice")
+        .await
+        .expect("Reassign");
+    assert!(second > first, "epochs must grow: {first} then {second}");
+    let (result, _tx) = heartbeat(&cluster, "head-0", beat("twice", first)).await;
+    assert_refused(
+        "Heartbeat with a stale epoch",
+        &result,
+        Code::FailedPrecondition,
+        "epoch",
+    );
+
+    // The right worker and epoch, at the wrong head.
+    let epoch = reassign(&cluster, "head-0", "elsewhere")
+        .await
+        .expect("Reassign");
+    let (result, _tx) = heartbeat(&cluster, "head-1", beat("elsewhere", epoch)).await;
+    assert_refused(
+        "Heartbeat at the wrong head",
+        &result,
+        Code::FailedPrecondition,
+        "head-0",
+    );
+
+    // Refused streams leave nothing behind.
+    let seen = listed(&cluster).await;
+    assert!(
+        seen.is_empty(),
+        "heads list workers after refused streams: {seen:?}"
+    );
+
+    // And the same worker at the right head with its current epoch is
+    // accepted: the refusals above were about the beats, not the setup.
+    let (result, tx) = heartbeat(&cluster, "head-0", beat("twice", second)).await;
+    let mut stream = result.unwrap_or_else(|s| panic!("Heartbeat with the current epoch: {s:?}"));
+    let head_beat = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .expect("a HeadBeat within 2s")
+        .expect("no stream error")
+        .expect("the stream is open");
+    assert_eq!(
+        (head_beat.head_id.as_str(), head_beat.epoch),
+        ("head-0", second),
+        "{head_beat:?}"
+    );
+    let seen = listed(&cluster).await;
+    assert_eq!(
+        seen,
+        vec!["twice@head-0".to_owned()],
+        "after one accepted stream"
+    );
+    drop(tx);
+}

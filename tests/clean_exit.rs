@@ -1,0 +1,105 @@
+//! A head told to go (SIGTERM) leaves the registry itself instead of
+//! waiting for its lease to run out, hands its workers to another head,
+//! and exits with code 0.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+use tether::localcluster::{wait_until, Probe, Reply};
+
+/// A lease much longer than the time the test allows for the head to
+/// leave, so that a key that disappears in time cannot have expired.
+const LONG_LEASE: &str = "5s";
+
+#[tokio::test]
+async fn sigterm_removes_the_registry_entry_at_once_and_workers_move() {
+    let mut cluster = cluster();
+    let mut args = HEAD_ARGS.to_vec();
+    let lease = args
+        .iter()
+        .position(|a| *a == "--lease-ttl")
+        .expect("HEAD_ARGS sets the lease")
+        + 1;
+    args[lease] = LONG_LEASE;
+    for i in 0..2 {
+        ok(cluster.spawn_head(&head_id(i), &args));
+    }
+    for h in cluster.heads() {
+        ok(tether::localcluster::wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
+    }
+    for i in 0..6 {
+        ok(cluster.spawn_worker(&worker_id(i), WORKER_ARGS));
+    }
+    let heads: Vec<Member> = cluster.heads().map(Member::from).collect();
+    let workers: Vec<Member> = cluster.workers().map(Member::from).collect();
+    let mut probe = Probe::new();
+    let before = settle(&mut probe, &heads, &workers, START_TIMEOUT).await;
+
+    // The head with workers leaves, so the test also sees them move.
+    let victim = if before.workers_of("head-0").is_empty() {
+        "head-1"
+    } else {
+        "head-0"
+    };
+    let survivor = if victim == "head-0" {
+        "head-1"
+    } else {
+        "head-0"
+    };
+    let orphans = before.workers_of(victim);
+    let key = format!("{{tether}}:head:{victim}");
+    let exists =
+        |cluster: &tether::localcluster::Cluster| cluster.redis().command(&["EXISTS", &key]);
+    assert_eq!(
+        ok(exists(&cluster)),
+        Reply::Integer(1),
+        "{key} should exist while {victim} runs"
+    );
+
+    let sent_at = Instant::now();
+    let head = cluster.process_mut(victim).expect("a head");
+    ok(head.terminate());
+    let gone = wait_until(
+        Duration::from_secs(3),
+        Duration::from_millis(5),
+        async || matches!(exists(&cluster), Ok(Reply::Integer(0))),
+    )
+    .await;
+    let took = sent_at.elapsed();
+    let head = cluster.process_mut(victim).expect("a head");
+    assert!(
+        gone && took < Duration::from_millis(300),
+        "{key} still there {took:?} after SIGTERM (lease {LONG_LEASE}); log of {victim}:\n{}",
+        head.log_tail(30)
+    );
+    eprintln!(
+        "{key} gone {took:?} after SIGTERM; {} workers moved",
+        orphans.len()
+    );
+
+    let status = head.wait_exit(Duration::from_secs(5));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(0)),
+        "{victim} should exit 0 after SIGTERM, got {status:?}; log:\n{}",
+        head.log_tail(30)
+    );
+
+    // Its workers are on the survivor under newer epochs, and the
+    // survivor is the only head left in the registry.
+    let rest: Vec<Member> = heads.iter().filter(|h| h.id == survivor).cloned().collect();
+    let after = settle(&mut probe, &rest, &workers, Duration::from_secs(3)).await;
+    for w in &orphans {
+        let (b, a) = (before.status(w).unwrap(), after.status(w).unwrap());
+        assert!(
+            a.head_id == survivor && a.epoch > b.epoch,
+            "{w} did not move to {survivor} under a newer epoch\nbefore:\n{before}\nafter:\n{after}"
+        );
+    }
+    let members = ok(cluster.redis().command(&["SMEMBERS", "{tether}:heads"]));
+    assert_eq!(
+        members,
+        Reply::Array(Some(vec![Reply::Bulk(Some(survivor.as_bytes().to_vec()))])),
+        "registry heads set after {victim} left"
+    );
+}

@@ -1,0 +1,277 @@
+//! What the integration test files share on top of
+//! `tether::localcluster`: where the binaries are, the short timings that
+//! keep the suite fast, and a whole-cluster view that checks the one
+//! invariant every test cares about: each worker is attached to exactly
+//! one head, and that head and the worker agree on the epoch.
+
+// Each test file is its own crate and uses a different part of this.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tether::localcluster::{wait_serving, wait_until, Binaries, Cluster, Probe};
+use tether::pb::{ListWorkersResponse, WorkerStatus};
+
+/// Head timings for tests: beats every 200 ms, a peer is gone after
+/// 600 ms of silence, a crashed head leaves the registry after 1 s.
+pub const HEAD_ARGS: &[&str] = &[
+    "--heartbeat-interval",
+    "200ms",
+    "--heartbeat-timeout",
+    "600ms",
+    "--lease-ttl",
+    "1s",
+    "--shutdown-timeout",
+    "2s",
+];
+
+/// Worker settings for tests: quick to give up on a dead head and quick
+/// to retry when no head is there.
+pub const WORKER_ARGS: &[&str] = &["--connect-timeout", "500ms", "--max-backoff", "500ms"];
+
+/// Bound on a process starting: generous, a debug build on a loaded
+/// two-core machine can be slow.
+pub const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The readiness entry of a head in health.
+pub const HEAD_SERVICE: &str = "tether.v1.HeadService";
+
+/// The readiness entry of a worker in health.
+pub const WORKER_SERVICE: &str = "tether.v1.WorkerService";
+
+/// The binaries Cargo built for this test run.
+pub fn binaries() -> Binaries {
+    Binaries::new(
+        env!("CARGO_BIN_EXE_tether-head"),
+        env!("CARGO_BIN_EXE_tether-worker"),
+    )
+}
+
+/// Panics with the error's message (not its `Debug` form), so that a
+/// missing `redis-server` fails with the command that fixes it.
+pub fn ok<T>(r: tether::localcluster::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A cluster with a fresh Redis and nothing else yet.
+pub fn cluster() -> Cluster {
+    ok(Cluster::start(binaries()))
+}
+
+/// Head ids `head-0`... and worker ids `worker-00`...
+pub fn head_id(i: usize) -> String {
+    format!("head-{i}")
+}
+
+/// See [`head_id`].
+pub fn worker_id(i: usize) -> String {
+    format!("worker-{i:02}")
+}
+
+/// Starts `heads` heads, waits until each is registered (readiness
+/// SERVING), then starts `workers` workers and waits until the whole
+/// cluster is settled (see [`View::problems`]).
+pub async fn start_cluster(heads: usize, workers: usize) -> Cluster {
+    let mut cluster = cluster();
+    for i in 0..heads {
+        ok(cluster.spawn_head(&head_id(i), HEAD_ARGS));
+    }
+    for head in cluster.heads() {
+        if let Err(e) = wait_serving(head.addr, HEAD_SERVICE, START_TIMEOUT).await {
+            panic!("{e}\nlog of {}:\n{}", head.id, head.log_tail(20));
+        }
+    }
+    for i in 0..workers {
+        ok(cluster.spawn_worker(&worker_id(i), WORKER_ARGS));
+    }
+    let heads: Vec<Member> = cluster.heads().map(Member::from).collect();
+    let workers: Vec<Member> = cluster.workers().map(Member::from).collect();
+    settle(&mut Probe::new(), &heads, &workers, START_TIMEOUT).await;
+    cluster
+}
+
+/// A head or worker as the views see it: its id and address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The process's `--id`.
+    pub id: String,
+    /// Where it serves gRPC.
+    pub addr: SocketAddr,
+}
+
+impl From<&tether::localcluster::Process> for Member {
+    fn from(p: &tether::localcluster::Process) -> Self {
+        Self {
+            id: p.id.clone(),
+            addr: p.addr,
+        }
+    }
+}
+
+/// What every given head and worker said at (nearly) one moment.
+#[derive(Debug)]
+pub struct View {
+    /// `Status` of each worker, by worker id.
+    pub statuses: BTreeMap<String, Result<WorkerStatus, String>>,
+    /// `ListWorkers` of each head, by head id.
+    pub listings: BTreeMap<String, Result<ListWorkersResponse, String>>,
+}
+
+impl View {
+    /// Asks every head, then every worker.
+    pub async fn take(probe: &mut Probe, heads: &[Member], workers: &[Member]) -> View {
+        let mut listings = BTreeMap::new();
+        for h in heads {
+            let answer = probe.list_workers(h.addr).await.map_err(|e| e.to_string());
+            listings.insert(h.id.clone(), answer);
+        }
+        let mut statuses = BTreeMap::new();
+        for w in workers {
+            let answer = probe.worker_status(w.addr).await.map_err(|e| e.to_string());
+            statuses.insert(w.id.clone(), answer);
+        }
+        View { statuses, listings }
+    }
+
+    /// For each worker id, the heads whose `ListWorkers` names it, with
+    /// the epoch each lists.
+    pub fn listed_by(&self) -> BTreeMap<String, Vec<(String, u64)>> {
+        let mut out: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+        for (head, listing) in &self.listings {
+            if let Ok(listing) = listing {
+                for w in &listing.workers {
+                    out.entry(w.worker_id.clone())
+                        .or_default()
+                        .push((head.clone(), w.epoch));
+                }
+            }
+        }
+        out
+    }
+
+    /// The worker's status, if it answered.
+    pub fn status(&self, worker: &str) -> Option<&WorkerStatus> {
+        self.statuses.get(worker).and_then(|s| s.as_ref().ok())
+    }
+
+    /// Everything that breaks "each worker is attached to exactly one
+    /// head, and both agree on head and epoch", plus any head listing a
+    /// worker twice or answering an id other than its own. Empty when the
+    /// cluster is settled.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let listed = self.listed_by();
+        for (head, listing) in &self.listings {
+            match listing {
+                Err(e) => problems.push(format!("head {head} did not answer ListWorkers: {e}")),
+                Ok(l) if l.head_id != *head => {
+                    problems.push(format!("head {head} answered as {:?}", l.head_id))
+                }
+                Ok(_) => {}
+            }
+        }
+        for (worker, status) in &self.statuses {
+            let status = match status {
+                Ok(s) => s,
+                Err(e) => {
+                    problems.push(format!("worker {worker} did not answer Status: {e}"));
+                    continue;
+                }
+            };
+            let heads = listed.get(worker).cloned().unwrap_or_default();
+            if !status.attached {
+                problems.push(format!("worker {worker} is not attached"));
+            }
+            match heads.as_slice() {
+                [] => problems.push(format!("worker {worker} is listed by no head")),
+                [(head, epoch)] => {
+                    if *head != status.head_id || *epoch != status.epoch {
+                        problems.push(format!(
+                            "worker {worker} says head {:?} epoch {}, but head {head} lists it at epoch {epoch}",
+                            status.head_id, status.epoch
+                        ));
+                    }
+                }
+                many => problems.push(format!(
+                    "worker {worker} is listed by several heads: {many:?}"
+                )),
+            }
+        }
+        for (worker, heads) in &listed {
+            if !self.statuses.contains_key(worker) {
+                problems.push(format!(
+                    "heads {heads:?} list {worker}, which is not a worker here"
+                ));
+            }
+        }
+        problems
+    }
+
+    /// Workers whose status names `head`.
+    pub fn workers_of(&self, head: &str) -> Vec<String> {
+        self.statuses
+            .iter()
+            .filter(|(_, s)| s.as_ref().is_ok_and(|s| s.head_id == head))
+            .map(|(w, _)| w.clone())
+            .collect()
+    }
+}
+
+impl fmt::Display for View {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "heads:")?;
+        for (head, listing) in &self.listings {
+            match listing {
+                Ok(l) => {
+                    let ws: Vec<String> = l
+                        .workers
+                        .iter()
+                        .map(|w| format!("{}@{}", w.worker_id, w.epoch))
+                        .collect();
+                    writeln!(f, "  {head}: {}", ws.join(" "))?
+                }
+                Err(e) => writeln!(f, "  {head}: {e}")?,
+            }
+        }
+        writeln!(f, "workers:")?;
+        for (worker, status) in &self.statuses {
+            match status {
+                Ok(s) => writeln!(
+                    f,
+                    "  {worker}: head={:?} epoch={} attached={} moves={} beat_age={}ms",
+                    s.head_id, s.epoch, s.attached, s.reassignments, s.last_head_beat_age_ms
+                )?,
+                Err(e) => writeln!(f, "  {worker}: {e}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Waits until [`View::problems`] is empty; panics with the last view and
+/// its problems if it does not happen within `timeout`.
+pub async fn settle(
+    probe: &mut Probe,
+    heads: &[Member],
+    workers: &[Member],
+    timeout: Duration,
+) -> View {
+    let mut last = None;
+    let settled = wait_until(timeout, Duration::from_millis(50), async || {
+        let view = View::take(probe, heads, workers).await;
+        let done = view.problems().is_empty();
+        last = Some(view);
+        done
+    })
+    .await;
+    let view = last.expect("wait_until checks at least once");
+    if !settled {
+        panic!(
+            "the cluster did not settle within {timeout:?}:\n{}\n{view}",
+            view.problems().join("\n")
+        );
+    }
+    view
+}

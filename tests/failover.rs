@@ -1,0 +1,197 @@
+//! A head that crashes (SIGKILL) or hangs (SIGSTOP) loses its workers to
+//! the other heads quickly, under new epochs, and a hung head that wakes
+//! up does not end up sharing a worker with another head.
+//!
+//! These tests measure time, so they run one at a time: two of them side
+//! by side on a two-core machine would measure each other.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tether::localcluster::{wait_until, Cluster, Probe};
+use tokio::sync::Mutex;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// The head with the most workers, and the epoch of each of them.
+fn busiest(view: &View) -> (String, BTreeMap<String, u64>) {
+    let head = view
+        .listings
+        .iter()
+        .max_by_key(|(_, l)| l.as_ref().map_or(0, |l| l.workers.len()))
+        .map(|(h, _)| h.clone())
+        .expect("there are heads");
+    let orphans = view
+        .workers_of(&head)
+        .into_iter()
+        .map(|w| {
+            let epoch = view.status(&w).expect("answered").epoch;
+            (w, epoch)
+        })
+        .collect();
+    (head, orphans)
+}
+
+/// Polls the orphans until each is attached to another head under a
+/// higher epoch, for at most `within` after `since`; returns when each was
+/// first seen moved. Panics, with what it saw, if one is late.
+async fn wait_moved(
+    cluster: &Cluster,
+    victim: &str,
+    orphans: &BTreeMap<String, u64>,
+    since: Instant,
+    within: Duration,
+) -> BTreeMap<String, Duration> {
+    let mut probe = Probe::new();
+    let mut moved: BTreeMap<String, Duration> = BTreeMap::new();
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    let addrs: Vec<_> = orphans
+        .keys()
+        .map(|w| (w.clone(), cluster.process(w).expect("a worker").addr))
+        .collect();
+    let remaining = within.saturating_sub(since.elapsed());
+    wait_until(remaining, Duration::from_millis(20), async || {
+        for (w, addr) in &addrs {
+            if moved.contains_key(w) {
+                continue;
+            }
+            match probe.worker_status(*addr).await {
+                Ok(s) if s.attached && s.head_id != victim && s.epoch > orphans[w] => {
+                    moved.insert(w.clone(), since.elapsed());
+                }
+                Ok(s) => {
+                    last.insert(w.clone(), format!("{s:?}"));
+                }
+                Err(e) => {
+                    last.insert(w.clone(), e.to_string());
+                }
+            }
+        }
+        moved.len() == addrs.len()
+    })
+    .await;
+    let late: Vec<String> = orphans
+        .keys()
+        .filter(|w| !moved.contains_key(*w))
+        .map(|w| {
+            format!(
+                "{w} (epoch before {}): {}",
+                orphans[w],
+                last.get(w).map_or("", |s| s)
+            )
+        })
+        .collect();
+    assert!(
+        late.is_empty(),
+        "orphans of {victim} not attached elsewhere under a higher epoch within {within:?}:\n{}\nmoved: {moved:?}",
+        late.join("\n")
+    );
+    moved
+}
+
+#[tokio::test]
+async fn sigkill_of_a_head_moves_its_workers_within_two_seconds() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = start_cluster(3, 30).await;
+    let heads: Vec<Member> = cluster.heads().map(Member::from).collect();
+    let workers: Vec<Member> = cluster.workers().map(Member::from).collect();
+    let mut probe = Probe::new();
+    let before = settle(&mut probe, &heads, &workers, START_TIMEOUT).await;
+    let (victim, orphans) = busiest(&before);
+    assert!(!orphans.is_empty(), "no head has workers:\n{before}");
+
+    let killed_at = Instant::now();
+    cluster
+        .process_mut(&victim)
+        .expect("a head")
+        .kill()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let moved = wait_moved(
+        &cluster,
+        &victim,
+        &orphans,
+        killed_at,
+        Duration::from_secs(2),
+    )
+    .await;
+    let slowest = moved.values().max().copied().unwrap_or_default();
+    eprintln!(
+        "{} orphans of {victim} moved; slowest after {slowest:?}",
+        moved.len()
+    );
+
+    // The survivors agree with every worker, none lists a worker twice,
+    // and only the orphans moved.
+    let survivors: Vec<Member> = heads.iter().filter(|h| h.id != victim).cloned().collect();
+    let after = settle(&mut probe, &survivors, &workers, Duration::from_secs(3)).await;
+    for w in &workers {
+        let (b, a) = (before.status(&w.id).unwrap(), after.status(&w.id).unwrap());
+        if !orphans.contains_key(&w.id) {
+            assert_eq!(
+                (&a.head_id, a.epoch),
+                (&b.head_id, b.epoch),
+                "{} was not on {victim} but moved\nbefore:\n{before}\nafter:\n{after}",
+                w.id
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigstop_of_a_head_moves_its_workers_and_sigcont_shares_none() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = start_cluster(3, 12).await;
+    let heads: Vec<Member> = cluster.heads().map(Member::from).collect();
+    let workers: Vec<Member> = cluster.workers().map(Member::from).collect();
+    let mut probe = Probe::new();
+    let before = settle(&mut probe, &heads, &workers, START_TIMEOUT).await;
+    let (victim, orphans) = busiest(&before);
+    assert!(!orphans.is_empty(), "no head has workers:\n{before}");
+
+    // A hung machine: the sockets stay open, nothing answers. Workers can
+    // only notice the silence, so they get the heartbeat timeout (600 ms)
+    // plus one second.
+    let stopped_at = Instant::now();
+    let head = cluster.process_mut(&victim).expect("a head");
+    head.stop().unwrap_or_else(|e| panic!("{e}"));
+    let within = Duration::from_millis(600) + Duration::from_secs(1);
+    let moved = wait_moved(&cluster, &victim, &orphans, stopped_at, within).await;
+    let slowest = moved.values().max().copied().unwrap_or_default();
+    eprintln!(
+        "{} orphans of {victim} moved; slowest after {slowest:?}",
+        moved.len()
+    );
+
+    // The head wakes up still holding streams it thinks are open. Within
+    // about a second it must notice they are dead, so that no worker is
+    // listed by two heads and every worker's Status matches the one head
+    // listing it.
+    cluster
+        .process_mut(&victim)
+        .expect("a head")
+        .cont()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let after = settle(&mut probe, &heads, &workers, Duration::from_millis(1500)).await;
+    let kept = after.listings[&victim].as_ref().map(|l| l.workers.len());
+    assert_eq!(kept, Ok(0), "the woken head still lists workers\n{after}");
+
+    // And it stays that way: the woken head takes nobody back by itself.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = View::take(&mut probe, &heads, &workers).await;
+    assert!(
+        later.problems().is_empty(),
+        "{:?}\n{later}",
+        later.problems()
+    );
+    for w in &workers {
+        let (a, l) = (after.status(&w.id).unwrap(), later.status(&w.id).unwrap());
+        assert_eq!(
+            (&a.head_id, a.epoch),
+            (&l.head_id, l.epoch),
+            "{} moved after the cluster settled\n{after}\n{later}",
+            w.id
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! Both processes answer the standard gRPC health and reflection
+//! services, so orchestrators and `grpcurl` work with them unchanged:
+//! liveness (`""`) says the process runs, readiness (the service's own
+//! name) says it can do its job right now.
+
+mod common;
+
+use common::*;
+use prost::Message;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tether::localcluster::{channel, wait_serving, wait_until, Probe};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_reflection::pb::{v1, v1alpha};
+
+#[tokio::test]
+async fn liveness_and_readiness_follow_registration_and_attachment() {
+    let mut cluster = start_cluster(1, 1).await;
+    let head = cluster.process("head-0").expect("a head").addr;
+    let worker = cluster.process("worker-00").expect("a worker").addr;
+    let mut probe = Probe::new();
+
+    let check = async |probe: &mut Probe, addr: SocketAddr, service: &str| {
+        probe
+            .health(addr, service)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    assert_eq!(
+        check(&mut probe, head, "").await,
+        ServingStatus::Serving,
+        "head liveness"
+    );
+    assert_eq!(
+        check(&mut probe, head, HEAD_SERVICE).await,
+        ServingStatus::Serving,
+        "head readiness once registered"
+    );
+    assert_eq!(
+        check(&mut probe, worker, "").await,
+        ServingStatus::Serving,
+        "worker liveness"
+    );
+    assert_eq!(
+        check(&mut probe, worker, WORKER_SERVICE).await,
+        ServingStatus::Serving,
+        "worker readiness while attached"
+    );
+
+    // A service nobody serves is NOT_FOUND, not a silent SERVING.
+    let unknown = probe.health(head, "tether.v1.NoSuchService").await;
+    assert!(
+        matches!(
+            &unknown,
+            Err(tether::localcluster::HarnessError::Rpc {
+                code: tonic::Code::NotFound,
+                ..
+            })
+        ),
+        "unknown service: {unknown:?}"
+    );
+
+    // With no head left, the worker is alive but not ready.
+    ok(cluster.process_mut("head-0").expect("a head").kill());
+    let mut last = ServingStatus::Unknown;
+    let not_ready = wait_until(
+        Duration::from_secs(3),
+        Duration::from_millis(20),
+        async || {
+            last = check(&mut probe, worker, WORKER_SERVICE).await;
+            last == ServingStatus::NotServing
+        },
+    )
+    .await;
+    assert!(not_ready, "worker readiness with no head left: {last:?}");
+    assert_eq!(
+        check(&mut probe, worker, "").await,
+        ServingStatus::Serving,
+        "worker liveness with no head"
+    );
+    let status = ok(probe.worker_status(worker).await);
+    assert!(!status.attached, "Status with no head left: {status:?}");
+}
+
+/// The `file_descriptor_proto`s of a reflection answer, decoded.
+fn decode_files(files: &[Vec<u8>]) -> Vec<prost_types::FileDescriptorProto> {
+    files
+        .iter()
+        .map(|b| {
+            prost_types::FileDescriptorProto::decode(b.as_slice()).expect("a valid descriptor")
+        })
+        .collect()
+}
+
+/// Asks reflection v1 one question and returns its one answer, or the
+/// status the stream failed with.
+async fn try_ask_v1(
+    addr: SocketAddr,
+    request: v1::server_reflection_request::MessageRequest,
+) -> Result<v1::server_reflection_response::MessageResponse, tonic::Status> {
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel(addr));
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let call = async {
+        let mut answers = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await?
+            .into_inner();
+        answers.message().await
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .unwrap_or_else(|_| panic!("reflection v1 at {addr} did not answer"))?
+        .unwrap_or_else(|| panic!("reflection v1 at {addr} closed without an answer"));
+    Ok(answer.message_response.expect("an answer has a response"))
+}
+
+/// [`try_ask_v1`] for questions that must succeed.
+async fn ask_v1(
+    addr: SocketAddr,
+    request: v1::server_reflection_request::MessageRequest,
+) -> v1::server_reflection_response::MessageResponse {
+    try_ask_v1(addr, request)
+        .await
+        .unwrap_or_else(|s| panic!("reflection v1 at {addr}: {s:?}"))
+}
+
+/// Services listed by reflection v1alpha.
+async fn list_v1alpha(addr: SocketAddr) -> Vec<String> {
+    use v1alpha::server_reflection_request::MessageRequest;
+    use v1alpha::server_reflection_response::MessageResponse;
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel(addr));
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let call = async {
+        let mut answers = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await?
+            .into_inner();
+        answers.message().await
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .unwrap_or_else(|_| panic!("reflection v1alpha at {addr} did not answer"))
+        .unwrap_or_else(|s| panic!("reflection v1alpha at {addr}: {s:?}"))
+        .and_then(|a| a.message_response);
+    match answer {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("v1alpha list_services at {addr} answered {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reflection_v1_and_v1alpha_describe_both_processes() {
+    use v1::server_reflection_request::MessageRequest;
+    use v1::server_reflection_response::MessageResponse;
+    let mut cluster = cluster();
+    let head = ok(cluster.spawn_head("head-0", HEAD_ARGS)).addr;
+    let worker = ok(cluster.spawn_worker("worker-00", WORKER_ARGS)).addr;
+    ok(wait_serving(head, "", START_TIMEOUT).await);
+    ok(wait_serving(worker, "", START_TIMEOUT).await);
+
+    for (addr, own) in [
+        (head, "tether.v1.HeadService"),
+        (worker, "tether.v1.WorkerService"),
+    ] {
+        let listed = match ask_v1(addr, MessageRequest::ListServices(String::new())).await {
+            MessageResponse::ListServicesResponse(l) => {
+                l.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+            }
+            other => panic!("v1 list_services at {addr} answered {other:?}"),
+        };
+        // Each reflection version lists itself; both list the rest.
+        for expected in [
+            own,
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+        ] {
+            assert!(
+                listed.iter().any(|s| s == expected),
+                "v1 at the {own} process does not list {expected}: {listed:?}"
+            );
+        }
+        let alpha = list_v1alpha(addr).await;
+        for expected in [
+            own,
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ] {
+            assert!(
+                alpha.iter().any(|s| s == expected),
+                "v1alpha at the {own} process does not list {expected}: {alpha:?}"
+            );
+        }
+
+        // The descriptor of the service itself, with its methods.
+        let files = match ask_v1(addr, MessageRequest::FileContainingSymbol(own.into())).await {
+            MessageResponse::FileDescriptorResponse(f) => decode_files(&f.file_descriptor_proto),
+            other => panic!("file_containing_symbol({own}) at {addr} answered {other:?}"),
+        };
+        let file = files
+            .iter()
+            .find(|f| f.name() == "tether/v1/tether.proto")
+            .unwrap_or_else(|| {
+                let names: Vec<_> = files.iter().map(|f| f.name()).collect();
+                panic!("file_containing_symbol({own}) at {addr} returned {names:?}")
+            });
+        assert_eq!(file.package(), "tether.v1");
+        let short = own.rsplit('.').next().expect("a dotted name");
+        let service = file
+            .service
+            .iter()
+            .find(|s| s.name() == short)
+            .unwrap_or_else(|| panic!("tether.proto from {addr} has no {short}"));
+        let methods: Vec<_> = service.method.iter().map(|m| m.name()).collect();
+        let expected: &[&str] = if short == "HeadService" {
+            &["Reassign", "Heartbeat", "ListWorkers"]
+        } else {
+            &["Status"]
+        };
+        for m in expected {
+            assert!(
+                methods.contains(m),
+                "{own} at {addr} has methods {methods:?}, not {m}"
+            );
+        }
+
+        // An unknown symbol is NOT_FOUND (tonic-reflection ends the stream
+        // with it), not a hang or a crash.
+        match try_ask_v1(
+            addr,
+            MessageRequest::FileContainingSymbol("tether.v1.Nope".into()),
+        )
+        .await
+        {
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Ok(MessageResponse::ErrorResponse(e))
+                if e.error_code == tonic::Code::NotFound as i32 => {}
+            other => panic!("file_containing_symbol(tether.v1.Nope) at {addr} answered {other:?}"),
+        }
+    }
+}
