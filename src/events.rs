@@ -98,6 +98,7 @@ async fn subscribe_loop(
     mut shutdown: Shutdown,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5), 17);
+    let mut failures = 0u64;
     loop {
         let stream = tokio::select! {
             s = registry.subscribe_events() => s,
@@ -107,7 +108,12 @@ async fn subscribe_loop(
             Ok(s) => s,
             Err(e) => {
                 let delay = backoff.next_delay();
-                debug!(error = %e, retry_in = ?delay, "cannot subscribe to events");
+                failures += 1;
+                if failures % 10 == 3 {
+                    warn!(error = %e, failures, "cannot subscribe to membership events; WatchEvents is silent until this works; retrying");
+                } else {
+                    debug!(error = %e, retry_in = ?delay, "cannot subscribe to events");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => continue,
                     _ = shutdown.wait() => return,
@@ -115,9 +121,16 @@ async fn subscribe_loop(
             }
         };
         backoff.reset();
+        failures = 0;
+        let mut moved = registry.topology_changes();
+        moved.borrow_and_update();
         loop {
             let message = tokio::select! {
                 m = stream.next() => m,
+                _ = moved.changed() => {
+                    warn!("the Redis master moved; resubscribing to events there");
+                    break;
+                }
                 _ = shutdown.wait() => return,
             };
             let Some(message) = message else {

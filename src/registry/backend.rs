@@ -8,6 +8,11 @@
 
 use deadpool_redis::redis::{self, aio::ConnectionLike, Cmd, Pipeline, RedisFuture, Value};
 use deadpool_redis::{PoolConfig, Runtime};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tracing::warn;
 
 /// A parsed `--redis-url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,35 +168,151 @@ impl ConnectionLike for AnyConn {
     }
 }
 
-/// The server to hold the pub/sub connection on: pooled connections
-/// cannot subscribe. On Cluster any node hears every PUBLISH; on Sentinel
-/// the current master is asked for at each (re)subscription, so a
-/// failover is followed.
-pub async fn pubsub_client(topology: &Topology) -> redis::RedisResult<redis::Client> {
-    match topology {
-        Topology::Single(url) => redis::Client::open(url.as_str()),
-        Topology::Cluster(urls) => redis::Client::open(urls[0].as_str()),
-        Topology::Sentinel { sentinels, master } => {
-            let mut last = None;
-            for s in sentinels {
-                let attempt = async {
-                    let client = redis::Client::open(s.as_str())?;
-                    let mut conn = client.get_multiplexed_async_connection().await?;
-                    let (host, port): (String, u16) = redis::cmd("SENTINEL")
-                        .arg("get-master-addr-by-name")
-                        .arg(master)
-                        .query_async(&mut conn)
-                        .await?;
-                    redis::Client::open(format!("redis://{host}:{port}"))
-                };
-                match attempt.await {
-                    Ok(c) => return Ok(c),
-                    Err(e) => last = Some(e),
-                }
+/// A topology's pools plus what it takes to follow it: under Sentinel,
+/// the current master is checked at most every 250 ms, and a change
+/// replaces the pool at once. (A demoted master keeps accepting writes for
+/// seconds after a planned failover; pooled connections alone would keep
+/// writing to it.)
+pub struct Backend {
+    topology: Topology,
+    pool_config: PoolConfig,
+    pools: RwLock<Pools>,
+    /// The master address last seen, and when it was checked.
+    master: Mutex<(Option<String>, Option<Instant>)>,
+    /// Bumped when the master changes, so subscribers reconnect.
+    generation: watch::Sender<u64>,
+    /// Which node the next Cluster subscription starts with.
+    next_node: AtomicUsize,
+}
+
+/// How often, at most, the registry asks Sentinel where the master is:
+/// well under any sensible lease TTL, so leases survive a failover.
+const MASTER_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+impl Backend {
+    /// Pools for `topology`.
+    pub fn new(topology: Topology, pool_config: PoolConfig) -> Result<Self, String> {
+        let pools = Pools::new(&topology, pool_config)?;
+        Ok(Self {
+            topology,
+            pool_config,
+            pools: RwLock::new(pools),
+            master: Mutex::new((None, None)),
+            generation: watch::Sender::new(0),
+            next_node: AtomicUsize::new(0),
+        })
+    }
+
+    /// A pooled connection (to the current master, under Sentinel).
+    pub async fn get(&self) -> Result<AnyConn, String> {
+        if matches!(self.topology, Topology::Sentinel { .. }) {
+            self.follow_master().await;
+        }
+        let pools = self.pools.read().unwrap_or_else(|e| e.into_inner()).clone();
+        pools.get().await
+    }
+
+    /// Changes whenever the master moved: holders of long-lived
+    /// connections (the event subscription) reconnect.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    async fn follow_master(&self) {
+        let known = {
+            let mut m = self.master.lock().unwrap_or_else(|e| e.into_inner());
+            if m.1.is_some_and(|t| t.elapsed() < MASTER_CHECK_EVERY) {
+                return;
             }
-            Err(last.unwrap_or_else(|| {
-                redis::RedisError::from((redis::ErrorKind::Client, "no sentinel given"))
-            }))
+            // Claim this check before awaiting, so concurrent calls skip.
+            m.1 = Some(Instant::now());
+            m.0.clone()
+        };
+        let Ok(Ok(addr)) =
+            tokio::time::timeout(Duration::from_millis(500), self.ask_master()).await
+        else {
+            return;
+        };
+        if known.as_deref() == Some(addr.as_str()) {
+            return;
+        }
+        if known.is_some() {
+            warn!(master = %addr, "the Redis master moved; reconnecting the registry to it");
+            match Pools::new(&self.topology, self.pool_config) {
+                Ok(p) => *self.pools.write().unwrap_or_else(|e| e.into_inner()) = p,
+                Err(e) => warn!(error = %e, "cannot rebuild the Redis pool"),
+            }
+            self.generation.send_modify(|g| *g += 1);
+        }
+        self.master.lock().unwrap_or_else(|e| e.into_inner()).0 = Some(addr);
+    }
+
+    /// `host:port` of the master, from the first sentinel that answers.
+    async fn ask_master(&self) -> redis::RedisResult<String> {
+        let Topology::Sentinel { sentinels, master } = &self.topology else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "not under Sentinel",
+            )));
+        };
+        let mut last = None;
+        for s in sentinels {
+            let attempt = async {
+                let client = redis::Client::open(s.as_str())?;
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                let (host, port): (String, u16) = redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(master)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(format!("{host}:{port}"))
+            };
+            match attempt.await {
+                Ok(a) => return Ok(a),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::Client, "no sentinel given"))
+        }))
+    }
+
+    /// The server to hold the pub/sub connection on: pooled connections
+    /// cannot subscribe. On Cluster any node hears every PUBLISH, so each
+    /// subscription tries the nodes in turn, starting one further each
+    /// time; under Sentinel it is the current master.
+    pub async fn pubsub_client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.topology {
+            Topology::Single(url) => redis::Client::open(url.as_str()),
+            Topology::Cluster(urls) => {
+                let start = self.next_node.fetch_add(1, Ordering::Relaxed);
+                let mut last = None;
+                for i in 0..urls.len() {
+                    let url = &urls[(start + i) % urls.len()];
+                    let attempt = async {
+                        let client = redis::Client::open(url.as_str())?;
+                        // Probe it: a dead node must not end the search.
+                        let mut conn = client.get_multiplexed_async_connection().await?;
+                        redis::cmd("PING").query_async::<String>(&mut conn).await?;
+                        Ok::<_, redis::RedisError>(client)
+                    };
+                    match tokio::time::timeout(Duration::from_millis(500), attempt).await {
+                        Ok(Ok(c)) => return Ok(c),
+                        Ok(Err(e)) => last = Some(e),
+                        Err(_) => {
+                            last =
+                                Some(redis::RedisError::from((redis::ErrorKind::Io, "timed out")))
+                        }
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    redis::RedisError::from((redis::ErrorKind::Client, "no node given"))
+                }))
+            }
+            Topology::Sentinel { .. } => {
+                let addr = self.ask_master().await?;
+                redis::Client::open(format!("redis://{addr}"))
+            }
         }
     }
 }

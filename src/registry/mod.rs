@@ -10,7 +10,7 @@ mod keys;
 mod scripts;
 
 pub use backend::Topology;
-use backend::{AnyConn, Pools};
+use backend::{AnyConn, Backend};
 use std::sync::Arc;
 
 pub use keys::Keys;
@@ -128,10 +128,8 @@ pub struct LeaseInfo {
 /// Cheap to clone.
 #[derive(Clone)]
 pub struct Registry {
-    pools: Pools,
-    /// Where to hold the one pub/sub connection a head needs (pooled
-    /// connections cannot subscribe).
-    topology: Arc<Topology>,
+    /// The pools, and the following of a moving master or node.
+    backend: Arc<Backend>,
     keys: Keys,
     op_timeout: Duration,
 }
@@ -168,10 +166,9 @@ impl Registry {
             },
             ..PoolConfig::default()
         };
-        let pools = Pools::new(&topology, pool).map_err(RegistryError::Protocol)?;
+        let backend = Backend::new(topology, pool).map_err(RegistryError::Protocol)?;
         Ok(Self {
-            pools,
-            topology: Arc::new(topology),
+            backend: Arc::new(backend),
             keys: Keys::new(namespace),
             op_timeout,
         })
@@ -190,7 +187,11 @@ impl Registry {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let work = async {
-            let conn = self.pools.get().await.map_err(RegistryError::Unavailable)?;
+            let conn = self
+                .backend
+                .get()
+                .await
+                .map_err(RegistryError::Unavailable)?;
             op(conn).await.map_err(classify)
         };
         let started = std::time::Instant::now();
@@ -226,7 +227,7 @@ impl Registry {
     /// A dedicated connection subscribed to the membership events.
     pub async fn subscribe_events(&self) -> Result<redis::aio::PubSubStream> {
         let work = async {
-            let client = backend::pubsub_client(&self.topology).await?;
+            let client = self.backend.pubsub_client().await?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(self.keys.events()).await?;
             Ok(pubsub.into_on_message())
@@ -235,6 +236,12 @@ impl Registry {
             .await
             .map_err(|_| RegistryError::Unavailable("timed out".into()))?
             .map_err(classify)
+    }
+
+    /// Changes whenever the Redis master moved (Sentinel): long-lived
+    /// connections such as the event subscription should reconnect.
+    pub fn topology_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.backend.changes()
     }
 
     /// Checks that Redis answers.
