@@ -1,0 +1,133 @@
+//! `tether-bench`: measures failover, hang detection, drain, scale-up,
+//! steady-state cost and capacity of real `tether-head` processes.
+//!
+//! It starts its own `redis-server` and heads (the binaries next to it;
+//! `cargo build --release` builds them all) and simulates the workers in
+//! this one process with the library's attach loop, the code
+//! `tether-worker` runs, each over its own TCP connection. Each scenario
+//! prints a small table and, with `--json PATH`, writes the same numbers
+//! as JSON. `docs/BENCHMARKS.md` has the commands and the results.
+//!
+//! # Layout
+//! - `scenarios`: one module per subcommand, and the shared set-up.
+//! - `fleet`: the simulated workers.
+//! - `rig`: Redis and the heads, signals, Redis command counts.
+//! - `procfs`: CPU, memory and descriptors from `/proc`.
+//! - `stats`: percentiles and missed beats.
+//! - `report`: the table and the JSON.
+
+mod fleet;
+mod procfs;
+mod report;
+mod rig;
+mod scenarios;
+mod stats;
+
+use clap::{Parser, Subcommand};
+use scenarios::capacity::CapacityArgs;
+use scenarios::moves::{Kind, MoveArgs};
+use scenarios::scale_up::ScaleUpArgs;
+use scenarios::steady::SteadyArgs;
+use scenarios::Common;
+use std::process::ExitCode;
+
+/// Benchmarks of Tether with real heads and simulated workers.
+#[derive(Debug, Parser)]
+#[command(name = "tether-bench", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// SIGKILL one head; time each of its workers until it gets its first
+    /// beat from another head [default: 4 heads, 2000 workers].
+    Failover(MoveArgs),
+    /// SIGSTOP one head; the same measure, also less the heartbeat
+    /// timeout [default: 4 heads, 2000 workers].
+    Hang(MoveArgs),
+    /// SIGTERM one head; handoff times and missed beats [default: 4
+    /// heads, 500 workers].
+    Drain(MoveArgs),
+    /// Add one head; workers moved against the optimum, final load spread
+    /// [default: 4 heads, 2000 workers].
+    ScaleUp(ScaleUpArgs),
+    /// Beat for a while; head CPU and RSS, Redis commands, spurious moves
+    /// [default: 1 head, 10000 workers].
+    Steady(SteadyArgs),
+    /// Grow the workers of one head in steps until it misses a beat or
+    /// runs out of descriptors.
+    Capacity(CapacityArgs),
+}
+
+impl Scenario {
+    fn common(&self) -> &Common {
+        match self {
+            Scenario::Failover(a) | Scenario::Hang(a) | Scenario::Drain(a) => &a.common,
+            Scenario::ScaleUp(a) => &a.common,
+            Scenario::Steady(a) => &a.common,
+            Scenario::Capacity(a) => &a.common,
+        }
+    }
+
+    async fn run(&self) -> Result<report::Report, String> {
+        match self {
+            Scenario::Failover(a) => scenarios::moves::run(Kind::Failover, a).await,
+            Scenario::Hang(a) => scenarios::moves::run(Kind::Hang, a).await,
+            Scenario::Drain(a) => scenarios::moves::run(Kind::Drain, a).await,
+            Scenario::ScaleUp(a) => scenarios::scale_up::run(a).await,
+            Scenario::Steady(a) => scenarios::steady::run(a).await,
+            Scenario::Capacity(a) => scenarios::capacity::run(a).await,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let common = cli.scenario.common().clone();
+    if let Err(e) = common.validate() {
+        eprintln!("tether-bench: invalid configuration: {e}");
+        return ExitCode::from(2);
+    }
+    // Logs of the attach loops are off unless RUST_LOG asks for them:
+    // thousands of workers logging every move would measure the logger.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tether::telemetry::init(tether::telemetry::LogFormat::Text);
+    }
+    let machine = procfs::Machine::read();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = common.threads {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tether-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            r = cli.scenario.run() => r,
+            s = tether::shutdown::signal() => Err(format!("interrupted by {s:?}")),
+        }
+    });
+    // The workers' tasks may still hold sockets: do not wait for them.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    let report = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tether-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", report.table());
+    if let Some(path) = &common.json {
+        if let Err(e) = report.write_json(path, machine.json()) {
+            eprintln!("tether-bench: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
