@@ -1,0 +1,374 @@
+//! `make demo`: a throwaway Redis, three heads and twelve workers as real
+//! local processes; shows who is attached to whom, kills one head with
+//! SIGKILL, and times how long each of its workers took to be attached to
+//! another head.
+//!
+//! Every process it starts is stopped when it ends, also on Ctrl-C or
+//! SIGTERM: they belong to a [`Cluster`], which kills them when dropped.
+//!
+//! Run it with `make demo`, or `cargo build --release --bins --examples`
+//! then `target/release/examples/demo`. Arguments are passed to every
+//! head, e.g. `demo --heartbeat-interval 200ms --heartbeat-timeout 600ms`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use tether::localcluster::{self, Binaries, Cluster, Probe};
+use tether::pb::WorkerStatus;
+use tether::registry::now_ms;
+use tether::shutdown::{self, Signal};
+
+const HEADS: usize = 3;
+const WORKERS: usize = 12;
+/// How often each moving worker's `Status` is polled after the kill.
+const POLL: Duration = Duration::from_millis(10);
+/// Bound on start-up: every head ready, every worker attached.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on the failover of the killed head's workers.
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Error = Box<dyn std::error::Error>;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let head_args: Vec<String> = std::env::args().skip(1).collect();
+    if head_args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("usage: demo [HEAD FLAGS...]   (flags are passed to every tether-head)");
+        return ExitCode::SUCCESS;
+    }
+    let binaries = match Binaries::beside_current_exe() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("Tether demo: {HEADS} heads, {WORKERS} workers; one head is killed with SIGKILL.\n");
+    let mut cluster = match Cluster::start(binaries) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (outcome, interrupted) = tokio::select! {
+        r = run(&mut cluster, &head_args) => (r, None),
+        s = shutdown::signal() => (Ok(false), Some(s)),
+    };
+    print!("\nStopping everything the demo started (redis-server, heads, workers) ...");
+    let _ = std::io::stdout().flush();
+    drop(cluster);
+    println!(" done.");
+    match (outcome, interrupted) {
+        (_, Some(signal)) => {
+            // The shell's convention for "ended by a signal": 128 + its number.
+            let (what, code) = match signal {
+                Signal::Interrupt => ("Ctrl-C", 130),
+                Signal::Terminate => ("SIGTERM", 143),
+            };
+            eprintln!("demo: interrupted by {what}");
+            ExitCode::from(code)
+        }
+        (Ok(true), None) => ExitCode::SUCCESS,
+        (Ok(false), None) => ExitCode::FAILURE,
+        (Err(e), None) => {
+            eprintln!("demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A process the demo talks to.
+#[derive(Debug, Clone)]
+struct Member {
+    id: String,
+    addr: SocketAddr,
+}
+
+/// What happened to one of the killed head's workers.
+#[derive(Debug)]
+struct Move {
+    worker: String,
+    before: WorkerStatus,
+    /// The first `Status` that showed it attached to another head, and
+    /// when the poll saw it; `None` if that did not happen in time.
+    after: Option<(WorkerStatus, Duration)>,
+}
+
+/// Runs the demo; returns whether every worker of the killed head was
+/// attached again in time.
+async fn run(cluster: &mut Cluster, head_args: &[String]) -> Result<bool, Error> {
+    println!(
+        "redis-server  {}  (throwaway: no persistence, gone at the end)",
+        cluster.redis().url()
+    );
+    if !head_args.is_empty() {
+        println!("head flags    {}", head_args.join(" "));
+    }
+
+    let extra: Vec<&str> = head_args.iter().map(String::as_str).collect();
+    for i in 1..=HEADS {
+        cluster.spawn_head(&format!("head-{i}"), &extra)?;
+    }
+    let heads = members(cluster.heads().map(|p| (&p.id, p.addr)));
+    for head in &heads {
+        if let Err(e) =
+            localcluster::wait_serving(head.addr, "tether.v1.HeadService", START_TIMEOUT).await
+        {
+            return Err(with_log(cluster, &head.id, e.to_string()).into());
+        }
+    }
+    println!(
+        "heads ready   {}",
+        join(heads.iter().map(|h| format!("{} {}", h.id, h.addr)))
+    );
+
+    let started = Instant::now();
+    for i in 1..=WORKERS {
+        cluster.spawn_worker(&format!("worker-{i:02}"), &[])?;
+    }
+    let workers = members(cluster.workers().map(|p| (&p.id, p.addr)));
+    print!("workers       {WORKERS} started; waiting until all are attached ...");
+    let _ = std::io::stdout().flush();
+    let mut probe = Probe::new();
+    let mut unattached = Vec::new();
+    let all_attached =
+        localcluster::wait_until(START_TIMEOUT, Duration::from_millis(20), async || {
+            unattached.clear();
+            for w in &workers {
+                if !matches!(probe.worker_status(w.addr).await, Ok(s) if s.attached) {
+                    unattached.push(w.id.clone());
+                }
+            }
+            unattached.is_empty()
+        })
+        .await;
+    if !all_attached {
+        println!();
+        let first = unattached.first().cloned().unwrap_or_default();
+        let message = format!(
+            "not attached after {START_TIMEOUT:?}: {}",
+            unattached.join(", ")
+        );
+        return Err(with_log(cluster, &first, message).into());
+    }
+    println!(" done in {} ms", started.elapsed().as_millis());
+
+    println!("\nWho is attached to whom (each head's ListWorkers):");
+    let table = attachments(&mut probe, &heads).await?;
+    print_attachments(&heads, &table);
+
+    let before = statuses(&mut probe, &workers).await?;
+    // The head with the most workers (the first one on a tie), so that the
+    // kill moves as many workers as possible.
+    let victim = heads
+        .iter()
+        .max_by_key(|h| (table[&h.id].len(), std::cmp::Reverse(h.id.clone())))
+        .expect("there are heads")
+        .clone();
+    let moving: Vec<Member> = workers
+        .iter()
+        .filter(|w| table[&victim.id].contains(&w.id))
+        .cloned()
+        .collect();
+
+    let pid = cluster
+        .process(&victim.id)
+        .map(|p| p.pid())
+        .unwrap_or_default();
+    println!(
+        "\nKilling {} (pid {pid}) with SIGKILL; {} workers were attached to it.",
+        victim.id,
+        moving.len()
+    );
+    let killed_ms = now_ms();
+    let killed_at = Instant::now();
+    cluster
+        .process_mut(&victim.id)
+        .ok_or("the head to kill is gone")?
+        .kill()?;
+
+    // One task per moving worker, each polling only its own worker.
+    let mut watchers = tokio::task::JoinSet::new();
+    for w in &moving {
+        let (w, victim_id) = (w.clone(), victim.id.clone());
+        watchers.spawn(async move {
+            let mut probe = Probe::new();
+            while killed_at.elapsed() < FAILOVER_TIMEOUT {
+                if let Ok(s) = probe.worker_status(w.addr).await {
+                    if s.attached && s.head_id != victim_id {
+                        return (w.id, Some((s, killed_at.elapsed())));
+                    }
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            (w.id, None)
+        });
+    }
+    let mut moves = Vec::new();
+    while let Some(joined) = watchers.join_next().await {
+        let (worker, after) = joined?;
+        let before = before[&worker].clone();
+        moves.push(Move {
+            worker,
+            before,
+            after,
+        });
+    }
+    moves.sort_by(|a, b| a.worker.cmp(&b.worker));
+
+    println!(
+        "\nFailover of {}'s workers (each worker's Status polled every {} ms):",
+        victim.id,
+        POLL.as_millis()
+    );
+    print_moves(&moves, killed_ms);
+    let done: Vec<Duration> = moves
+        .iter()
+        .filter_map(|m| m.after.as_ref().map(|(_, seen)| *seen))
+        .collect();
+    let all_moved = done.len() == moves.len();
+    if let (Some(fastest), Some(slowest)) = (done.iter().min(), done.iter().max()) {
+        println!(
+            "  {} of {} attached to another head; seen by the poll after {} to {} ms.",
+            done.len(),
+            moves.len(),
+            fastest.as_millis(),
+            slowest.as_millis()
+        );
+    }
+    if !all_moved {
+        println!(
+            "  {} did not attach to another head within {FAILOVER_TIMEOUT:?}.",
+            moves.len() - done.len()
+        );
+    }
+
+    let survivors: Vec<Member> = heads
+        .iter()
+        .filter(|h| h.id != victim.id)
+        .cloned()
+        .collect();
+    let stayers: Vec<Member> = workers
+        .iter()
+        .filter(|w| !moving.iter().any(|m| m.id == w.id))
+        .cloned()
+        .collect();
+    let now = statuses(&mut probe, &stayers).await?;
+    let wandered: Vec<&String> = stayers
+        .iter()
+        .map(|w| &w.id)
+        .filter(|id| {
+            let (a, b) = (&before[*id], &now[*id]);
+            a.head_id != b.head_id || a.epoch != b.epoch || !b.attached
+        })
+        .collect();
+    if wandered.is_empty() {
+        println!(
+            "  The other {} workers stayed attached where they were (same head, same epoch).",
+            stayers.len()
+        );
+    } else {
+        println!(
+            "  Of the other workers, these changed head or epoch too: {}",
+            join(wandered.iter())
+        );
+    }
+
+    println!("\nWho is attached to whom now:");
+    let table = attachments(&mut probe, &survivors).await?;
+    print_attachments(&survivors, &table);
+    Ok(all_moved)
+}
+
+fn members<'a>(it: impl Iterator<Item = (&'a String, SocketAddr)>) -> Vec<Member> {
+    it.map(|(id, addr)| Member {
+        id: id.clone(),
+        addr,
+    })
+    .collect()
+}
+
+fn join(items: impl Iterator<Item = impl std::fmt::Display>) -> String {
+    items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// `message`, followed by the end of the log of process `id`.
+fn with_log(cluster: &Cluster, id: &str, message: String) -> String {
+    match cluster.process(id) {
+        Some(p) => format!("{message}\nthe log of {id} ends with:\n{}", p.log_tail(15)),
+        None => message,
+    }
+}
+
+/// Each head's attached workers, by head id, as its `ListWorkers` says.
+async fn attachments(
+    probe: &mut Probe,
+    heads: &[Member],
+) -> Result<BTreeMap<String, Vec<String>>, Error> {
+    let mut table = BTreeMap::new();
+    for h in heads {
+        let answer = probe.list_workers(h.addr).await?;
+        let ids = answer.workers.into_iter().map(|w| w.worker_id).collect();
+        table.insert(h.id.clone(), ids);
+    }
+    Ok(table)
+}
+
+/// Each worker's `Status`, by worker id.
+async fn statuses(
+    probe: &mut Probe,
+    workers: &[Member],
+) -> Result<BTreeMap<String, WorkerStatus>, Error> {
+    let mut out = BTreeMap::new();
+    for w in workers {
+        out.insert(w.id.clone(), probe.worker_status(w.addr).await?);
+    }
+    Ok(out)
+}
+
+fn print_attachments(heads: &[Member], table: &BTreeMap<String, Vec<String>>) {
+    println!(
+        "  {:<8} {:<17} {:>7}  attached workers",
+        "head", "address", "workers"
+    );
+    for h in heads {
+        let ids = &table[&h.id];
+        println!(
+            "  {:<8} {:<17} {:>7}  {}",
+            h.id,
+            h.addr,
+            ids.len(),
+            ids.join(" ")
+        );
+    }
+}
+
+fn print_moves(moves: &[Move], killed_ms: i64) {
+    println!(
+        "  {:<10} {:<8} {:<8} {:>14}  {:>15}  {:>12}",
+        "worker", "from", "to", "epoch", "attached after", "seen by poll"
+    );
+    for m in moves {
+        match &m.after {
+            Some((s, seen)) => println!(
+                "  {:<10} {:<8} {:<8} {:>14}  {:>12} ms  {:>9} ms",
+                m.worker,
+                m.before.head_id,
+                s.head_id,
+                format!("{} -> {}", m.before.epoch, s.epoch),
+                (s.attached_since_ms - killed_ms).max(0),
+                seen.as_millis()
+            ),
+            None => println!(
+                "  {:<10} {:<8} {:<8} {:>14}  {:>15}  {:>12}",
+                m.worker, m.before.head_id, "-", m.before.epoch, "not attached", "-"
+            ),
+        }
+    }
+    println!(
+        "  (attached after: the worker's attached_since_ms minus the time of the kill;\n   seen by poll: the first Status poll that showed it attached elsewhere)"
+    );
+}
