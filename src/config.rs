@@ -149,13 +149,63 @@ mod tests {
 pub struct RegistryArgs {
     /// Redis holding the registry. A password may be given in the URL;
     /// it is never logged. `rediss://` for TLS.
-    #[arg(long, env = "TETHER_REDIS_URL", default_value = "redis://127.0.0.1:6379", value_parser = parse_redis_url, hide_env_values = true, hide_default_value = false)]
+    ///
+    /// Redis Cluster: a comma-separated list of node URLs. Sentinel:
+    /// `redis+sentinel://host:port[,host:port...]/MASTER`.
+    //
+    // Checked in `validate`, not by a clap value parser: clap's error
+    // would repeat the value, password included.
+    #[arg(
+        long,
+        env = "TETHER_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
     pub redis_url: String,
 
     /// Namespace of the registry keys (`{NAMESPACE}:...`), so several
     /// clusters can share one Redis.
     #[arg(long, env = "TETHER_NAMESPACE", default_value = "tether", value_parser = parse_namespace)]
     pub namespace: String,
+}
+
+impl RegistryArgs {
+    /// Checks the URL; the error never repeats it.
+    pub fn validate(&self) -> Result<(), String> {
+        parse_redis_url(&self.redis_url).map(|_| ())
+    }
+}
+
+/// Parses a binary's flags. `--help` and `--version` print and exit 0;
+/// any other problem prints one line, `NAME: what is wrong`, and exits 2
+/// before anything starts.
+pub fn parse_args<T: clap::Parser>(name: &str) -> T {
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                std::process::exit(
+                    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                        2
+                    } else {
+                        0
+                    },
+                );
+            }
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("{name}: {first} (see --help)");
+            std::process::exit(2);
+        }
+    }
 }
 
 /// Flags that heads and workers share. Parsed by the binaries (the library

@@ -26,15 +26,29 @@ pub type TetherRouter = Router<Stack<AuthLayer, Identity>>;
 pub fn router(
     health: HealthServer<impl Health>,
     security: &ServerSecurity,
+    service_name: &str,
 ) -> Result<TetherRouter, String> {
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // One descriptor set holds both Tether services; reflection advertises
+    // only what this process serves.
+    let reflection = || {
+        [
+            service_name,
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
+        .into_iter()
+        .fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(name),
+        )
+    };
+    let v1 = reflection()
         .build_v1()
         .expect("the embedded descriptor sets are valid");
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let v1alpha = reflection()
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
     let mut builder = Server::builder();

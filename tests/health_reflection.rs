@@ -187,6 +187,16 @@ async fn reflection_v1_and_v1alpha_describe_both_processes() {
                 "v1 at the {own} process does not list {expected}: {listed:?}"
             );
         }
+        // A process advertises only what it serves.
+        let other = if own == "tether.v1.HeadService" {
+            "tether.v1.WorkerService"
+        } else {
+            "tether.v1.HeadService"
+        };
+        assert!(
+            !listed.iter().any(|s| s == other),
+            "the {own} process advertises {other}, which it does not serve: {listed:?}"
+        );
         let alpha = list_v1alpha(addr).await;
         for expected in [
             own,

@@ -94,7 +94,6 @@ fn worker_rejects_bad_configuration_before_binding() {
 }
 
 #[test]
-#[ignore = "service bug: clap echoes the rejected --redis-url value, password included, in its error"]
 fn redis_passwords_never_reach_the_error() {
     let head = binaries().head;
     let out = ok(run_to_exit(

@@ -10,12 +10,11 @@ mod rebalance;
 mod run;
 mod service;
 
-use clap::Parser;
 use std::time::Duration;
 use tether::config::{parse_duration, parse_id, CommonArgs, Timing};
 
 /// A Tether head: workers attach to it and it beats to them.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "tether-head", version, about, long_about = None)]
 pub struct Args {
     /// This head's id, unique in the cluster [default: head-HOSTNAME-PID].
@@ -120,8 +119,11 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 }
 
 fn main() {
-    let args = Args::parse();
-    let security = args.validate().and_then(|()| args.common.security.load());
+    let args: Args = tether::config::parse_args("tether-head");
+    let security = args
+        .validate()
+        .and_then(|()| args.common.registry.validate())
+        .and_then(|()| args.common.security.load());
     let (server_security, _) = match security {
         Ok(s) => s,
         Err(e) => {

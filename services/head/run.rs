@@ -134,7 +134,11 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
     let head_service = HeadServiceServer::new(svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let router = match server::router(health_svc, &server_security) {
+    let router = match server::router(
+        health_svc,
+        &server_security,
+        tether::pb::head_service_server::SERVICE_NAME,
+    ) {
         Ok(r) => r,
         Err(e) => {
             error!(error = %e, "cannot set up the gRPC server");

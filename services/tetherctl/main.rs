@@ -55,8 +55,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let security = match args.security.load() {
+    let args: Args = tether::config::parse_args("tetherctl");
+    let security = match args.registry.validate().and_then(|()| args.security.load()) {
         Ok((_, client)) => client,
         Err(e) => {
             eprintln!("tetherctl: invalid configuration: {e}");

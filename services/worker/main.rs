@@ -5,7 +5,6 @@
 mod run;
 mod status;
 
-use clap::Parser;
 use std::time::Duration;
 use tether::config::{parse_duration, parse_id, CommonArgs};
 
@@ -13,7 +12,7 @@ use tether::config::{parse_duration, parse_id, CommonArgs};
 ///
 /// The heartbeat interval and timeout are not set here: every head tells
 /// its workers the values to use, so one cluster has one policy.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "tether-worker", version, about, long_about = None)]
 pub struct Args {
     /// This worker's id, unique in the cluster: 1 to 128 printable bytes
@@ -60,8 +59,11 @@ impl Args {
 }
 
 fn main() {
-    let args = Args::parse();
-    let security = args.validate().and_then(|()| args.common.security.load());
+    let args: Args = tether::config::parse_args("tether-worker");
+    let security = args
+        .validate()
+        .and_then(|()| args.common.registry.validate())
+        .and_then(|()| args.common.security.load());
     let (server_security, client_security) = match security {
         Ok(s) => s,
         Err(e) => {

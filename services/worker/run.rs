@@ -85,7 +85,11 @@ pub async fn run(
     let status_service = WorkerServiceServer::new(StatusSvc::new(id.clone(), snapshot_rx))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let router = match server::router(health_svc, &server_security) {
+    let router = match server::router(
+        health_svc,
+        &server_security,
+        tether::pb::worker_service_server::SERVICE_NAME,
+    ) {
         Ok(r) => r,
         Err(e) => {
             error!(error = %e, "cannot set up the gRPC server");
