@@ -284,11 +284,17 @@ async fn establish(
                     && !order.iter().any(|o| o.id == h.id)
             })
             .collect();
-        order.extend(
-            placement::rendezvous_order(&cfg.worker_id, &candidates, |h| h.id.as_str())
-                .into_iter()
-                .cloned(),
-        );
+        // Ready heads in rendezvous order, then stale ones (probably
+        // dead, but the registry may just be slow) as a last resort.
+        let (ready, stale): (Vec<HeadEntry>, Vec<HeadEntry>) =
+            candidates.into_iter().partition(|h| h.state != "stale");
+        for group in [ready, stale] {
+            order.extend(
+                placement::rendezvous_order(&cfg.worker_id, &group, |h| h.id.as_str())
+                    .into_iter()
+                    .cloned(),
+            );
+        }
     }
     if order.is_empty() {
         return Err("the registry lists no live head".into());

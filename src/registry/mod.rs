@@ -63,7 +63,8 @@ pub struct HeadEntry {
     pub id: String,
     /// The address workers dial.
     pub addr: String,
-    /// `ready` or `draining`.
+    /// `ready`; `draining`; or `stale`: its lease has run down past half,
+    /// so it is probably gone (tried last, not counted as live).
     pub state: String,
     /// How many workers Redis counts as assigned to it.
     pub assigned: u64,

@@ -16,7 +16,7 @@ pub static REFRESH_LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local existed = redis.call('EXISTS', KEYS[1])
-redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5])
+redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
@@ -48,17 +48,28 @@ return 1
 /// Lists live heads and prunes ids whose lease expired.
 ///
 /// KEYS: heads set. ARGV: head key prefix, worker-set key prefix.
-/// Returns a flat list: id, addr, state, assigned workers, for each head.
+/// Returns a flat list: id, addr, state (`ready`, `draining` or `stale`),
+/// assigned workers, for each head.
 pub static LIVE_HEADS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local h = redis.call('HMGET', ARGV[1] .. id, 'addr', 'state')
+  local key = ARGV[1] .. id
+  local h = redis.call('HMGET', key, 'addr', 'state', 'ttl_ms')
   if h[1] then
+    local state = h[2] or 'ready'
+    -- A live head refreshes every interval, well within its TTL; one whose
+    -- lease has run down past half is probably dead (crashed, hung, cut
+    -- off): "stale", tried last and not counted as live.
+    local ttl = tonumber(h[3] or '0')
+    local pttl = redis.call('PTTL', key)
+    if state == 'ready' and ttl > 0 and pttl >= 0 and pttl < ttl / 2 then
+      state = 'stale'
+    end
     table.insert(out, id)
     table.insert(out, h[1])
-    table.insert(out, h[2] or 'ready')
+    table.insert(out, state)
     table.insert(out, redis.call('SCARD', ARGV[2] .. id))
   else
     redis.call('SREM', KEYS[1], id)
@@ -97,10 +108,15 @@ if not (prev == me and redis.call('SISMEMBER', KEYS[4], worker) == 1) then
   -- H: live heads not draining, minus the one the worker lost.
   local total, live, counted = 0, 0, false
   for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-    local state = redis.call('HGET', ARGV[7] .. id, 'state')
+    local h = redis.call('HMGET', ARGV[7] .. id, 'state', 'ttl_ms')
+    local state = h[1]
     if state then
+      -- See LIVE_HEADS: a head whose lease ran down past half is stale.
+      local ttl = tonumber(h[2] or '0')
+      local pttl = redis.call('PTTL', ARGV[7] .. id)
+      if ttl > 0 and pttl >= 0 and pttl < ttl / 2 then state = 'stale' end
       total = total + redis.call('SCARD', ARGV[5] .. id)
-      if state ~= 'draining' and id ~= ARGV[10] then live = live + 1 end
+      if state == 'ready' and id ~= ARGV[10] then live = live + 1 end
       if id == prev and redis.call('SISMEMBER', ARGV[5] .. id, worker) == 1 then
         counted = true
       end
