@@ -2,6 +2,9 @@
 #
 # The demo and the tests start their own throwaway redis-server on a free
 # port; `scripts/ensure-redis.sh` installs it first when it is missing.
+# `make test` also provisions the rest of what the suite needs
+# (`scripts/ensure-test-deps.sh`): Python packages in a virtualenv under
+# target/, and debootstrap when a Docker engine answers.
 
 CARGO       ?= cargo
 # Extra flags for every cargo call, e.g. `make test CARGO_FLAGS=--locked`.
@@ -12,28 +15,33 @@ TEST_ARGS   ?=
 # `make demo DEMO_ARGS="--heartbeat-interval 200ms --heartbeat-timeout 600ms"`.
 DEMO_ARGS   ?=
 IMAGE       ?= tether:dev
+# Where `make test` keeps the Python packages of tests/python_client.rs.
+export TETHER_PYTHON_VENV ?= target/python-venv
 
 .DEFAULT_GOAL := help
-.PHONY: help redis build release demo test lint fmt image clean
+.PHONY: help redis test-deps build release demo test lint fmt image clean
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 redis: ## Make sure redis-server is installed (apt-get when missing)
 	@scripts/ensure-redis.sh
 
+test-deps: ## Install what the test suite needs (Redis, Python packages, ...)
+	@scripts/ensure-test-deps.sh
+
 build: ## Build everything (debug)
 	$(CARGO) build $(CARGO_FLAGS) --all-targets
 
-release: ## Build tether-head and tether-worker (release)
+release: ## Build every binary (release)
 	$(CARGO) build $(CARGO_FLAGS) --release --bins
 
 demo: redis ## 3 heads, 12 workers, SIGKILL one head, time the failover
-	$(CARGO) build $(CARGO_FLAGS) --release --bins --example demo
+	$(CARGO) build $(CARGO_FLAGS) --release --bin tether-head --bin tether-worker --example demo
 	target/release/examples/demo $(DEMO_ARGS)
 
-test: redis ## Run the whole test suite against a throwaway Redis
-	$(CARGO) test $(CARGO_FLAGS) -- $(TEST_ARGS)
+test: test-deps ## Run the whole test suite (each test starts its own Redis)
+	PATH="$(abspath $(TETHER_PYTHON_VENV))/bin:$$PATH" $(CARGO) test $(CARGO_FLAGS) -- $(TEST_ARGS)
 
 lint: ## rustfmt check, clippy with warnings as errors, shellcheck
 	$(CARGO) fmt --all --check
@@ -47,7 +55,7 @@ lint: ## rustfmt check, clippy with warnings as errors, shellcheck
 fmt: ## Format the Rust sources
 	$(CARGO) fmt --all
 
-image: ## Build the container image with both binaries (IMAGE=tether:dev)
+image: ## Build the container image (IMAGE=tether:dev)
 	docker build -t $(IMAGE) .
 
 clean: ## Remove build output

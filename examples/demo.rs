@@ -225,18 +225,21 @@ async fn run(cluster: &mut Cluster, head_args: &[String]) -> Result<bool, Error>
         POLL.as_millis()
     );
     print_moves(&moves, killed_ms);
-    let done: Vec<Duration> = moves
+    let done: Vec<(&WorkerStatus, Duration)> = moves
         .iter()
-        .filter_map(|m| m.after.as_ref().map(|(_, seen)| *seen))
+        .filter_map(|m| m.after.as_ref().map(|(s, seen)| (s, *seen)))
         .collect();
     let all_moved = done.len() == moves.len();
-    if let (Some(fastest), Some(slowest)) = (done.iter().min(), done.iter().max()) {
+    if !done.is_empty() {
         println!(
-            "  {} of {} attached to another head; seen by the poll after {} to {} ms.",
+            "  {} of {} attached to another head {} after the kill; the poll saw it after {}.",
             done.len(),
             moves.len(),
-            fastest.as_millis(),
-            slowest.as_millis()
+            range_ms(
+                done.iter()
+                    .map(|(s, _)| attached_after(s, killed_ms) as u128)
+            ),
+            range_ms(done.iter().map(|(_, seen)| seen.as_millis()))
         );
     }
     if !all_moved {
@@ -347,28 +350,52 @@ fn print_attachments(heads: &[Member], table: &BTreeMap<String, Vec<String>>) {
 }
 
 fn print_moves(moves: &[Move], killed_ms: i64) {
+    let epochs: Vec<String> = moves
+        .iter()
+        .map(|m| match &m.after {
+            Some((s, _)) => format!("{} -> {}", m.before.epoch, s.epoch),
+            None => format!("{} -> -", m.before.epoch),
+        })
+        .collect();
+    let width = epochs.iter().map(String::len).max().unwrap_or(0).max(5);
     println!(
-        "  {:<10} {:<8} {:<8} {:>14}  {:>15}  {:>12}",
+        "  {:<10} {:<8} {:<8} {:<width$}  {:>14}  {:>12}",
         "worker", "from", "to", "epoch", "attached after", "seen by poll"
     );
-    for m in moves {
+    for (m, epoch) in moves.iter().zip(&epochs) {
         match &m.after {
             Some((s, seen)) => println!(
-                "  {:<10} {:<8} {:<8} {:>14}  {:>12} ms  {:>9} ms",
+                "  {:<10} {:<8} {:<8} {:<width$}  {:>11} ms  {:>9} ms",
                 m.worker,
                 m.before.head_id,
                 s.head_id,
-                format!("{} -> {}", m.before.epoch, s.epoch),
-                (s.attached_since_ms - killed_ms).max(0),
+                epoch,
+                attached_after(s, killed_ms),
                 seen.as_millis()
             ),
             None => println!(
-                "  {:<10} {:<8} {:<8} {:>14}  {:>15}  {:>12}",
-                m.worker, m.before.head_id, "-", m.before.epoch, "not attached", "-"
+                "  {:<10} {:<8} {:<8} {:<width$}  {:>14}  {:>12}",
+                m.worker, m.before.head_id, "-", epoch, "not attached", "-"
             ),
         }
     }
     println!(
-        "  (attached after: the worker's attached_since_ms minus the time of the kill;\n   seen by poll: the first Status poll that showed it attached elsewhere)"
+        "  (attached after: the worker's own attached_since_ms minus the time of the kill;\n   seen by poll: when the first Status poll showed it attached elsewhere)"
     );
+}
+
+/// Milliseconds from the kill until the worker's new attachment began, by
+/// the worker's own clock (the same machine's).
+fn attached_after(status: &WorkerStatus, killed_ms: i64) -> i64 {
+    (status.attached_since_ms - killed_ms).max(0)
+}
+
+/// `a ms` or `a to b ms`.
+fn range_ms(values: impl Iterator<Item = u128>) -> String {
+    let values: Vec<u128> = values.collect();
+    match (values.iter().min(), values.iter().max()) {
+        (Some(lo), Some(hi)) if lo == hi => format!("{lo} ms"),
+        (Some(lo), Some(hi)) => format!("{lo} to {hi} ms"),
+        _ => "-".into(),
+    }
 }
