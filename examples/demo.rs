@@ -45,7 +45,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("Tether demo: {HEADS} heads, {WORKERS} workers; one head is killed with SIGKILL.\n");
+    println!("Tether demo: {HEADS} heads, {WORKERS} workers; one head is killed with SIGKILL, then another drained with SIGTERM.\n");
     let mut cluster = match Cluster::start(binaries) {
         Ok(c) => c,
         Err(e) => {
@@ -283,7 +283,100 @@ async fn run(cluster: &mut Cluster, head_args: &[String]) -> Result<bool, Error>
     println!("\nWho is attached to whom now:");
     let table = attachments(&mut probe, &survivors).await?;
     print_attachments(&survivors, &table);
-    Ok(all_moved)
+
+    let drained = drain(cluster, &mut probe, &survivors, &workers, &table, head_args).await?;
+    Ok(all_moved && drained)
+}
+
+/// Scale-down: SIGTERM the busiest surviving head and show its workers
+/// moving make-before-break: each one's handoff time and the longest gap
+/// between two head beats it saw, across the handoff.
+async fn drain(
+    cluster: &mut Cluster,
+    probe: &mut Probe,
+    heads: &[Member],
+    workers: &[Member],
+    table: &BTreeMap<String, Vec<String>>,
+    head_args: &[String],
+) -> Result<bool, Error> {
+    let interval = head_args
+        .iter()
+        .position(|a| a == "--heartbeat-interval")
+        .and_then(|i| head_args.get(i + 1))
+        .and_then(|v| tether::config::parse_duration(v).ok())
+        .unwrap_or(Duration::from_secs(1));
+    let victim = heads
+        .iter()
+        .max_by_key(|h| (table[&h.id].len(), std::cmp::Reverse(h.id.clone())))
+        .expect("there are heads")
+        .clone();
+    let moving: Vec<Member> = workers
+        .iter()
+        .filter(|w| table[&victim.id].contains(&w.id))
+        .cloned()
+        .collect();
+    // Let every worker see a few beats first, so the gap measure covers
+    // ordinary beats as well as the handoff.
+    tokio::time::sleep(interval * 2).await;
+    println!(
+        "\nDraining {} with SIGTERM; {} workers are attached to it.",
+        victim.id,
+        moving.len()
+    );
+    let sent_ms = now_ms();
+    let sent_at = Instant::now();
+    let head = cluster
+        .process_mut(&victim.id)
+        .ok_or("the head to drain is gone")?;
+    head.terminate()?;
+    let status = head.wait_exit(FAILOVER_TIMEOUT);
+    let exited_after = sent_at.elapsed();
+    let after = statuses(probe, &moving).await?;
+    println!(
+        "  {:<10} {:<8} {:<8} {:>15}  {:>22}  {:>12}",
+        "worker", "from", "to", "handed over in", "longest gap in beats", "missed beats"
+    );
+    let mut ok = true;
+    let mut missed_total = 0;
+    for w in &moving {
+        let s = &after[&w.id];
+        let moved = s.attached && s.head_id != victim.id;
+        ok &= moved;
+        // A beat is missed when the gap between two beats exceeds 1.5
+        // intervals; each further interval of silence is another.
+        let gap = Duration::from_millis(s.max_head_beat_gap_ms);
+        let missed = if gap > interval * 3 / 2 {
+            (gap.as_secs_f64() / interval.as_secs_f64()).round() as u64 - 1
+        } else {
+            0
+        };
+        missed_total += missed;
+        println!(
+            "  {:<10} {:<8} {:<8} {:>12} ms  {:>19} ms  {:>12}",
+            w.id,
+            victim.id,
+            if moved { s.head_id.as_str() } else { "-" },
+            (s.attached_since_ms - sent_ms).max(0),
+            s.max_head_beat_gap_ms,
+            missed
+        );
+    }
+    println!(
+        "  (heartbeat interval {} ms; longest gap: between two HeadBeats, across the handoff)",
+        interval.as_millis()
+    );
+    match status {
+        Some(code) => println!(
+            "  {} exited after {} ms ({code}); {missed_total} beats missed in all.",
+            victim.id,
+            exited_after.as_millis()
+        ),
+        None => {
+            ok = false;
+            println!("  {} did not exit within {FAILOVER_TIMEOUT:?}.", victim.id);
+        }
+    }
+    Ok(ok && missed_total == 0)
 }
 
 fn members<'a>(it: impl Iterator<Item = (&'a String, SocketAddr)>) -> Vec<Member> {
