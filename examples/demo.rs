@@ -1,7 +1,8 @@
 //! `make demo`: a throwaway Redis, three heads and twelve workers as real
 //! local processes; shows who is attached to whom, kills one head with
-//! SIGKILL, and times how long each of its workers took to be attached to
-//! another head.
+//! SIGKILL and times how long each of its workers took to be attached to
+//! another head, then drains another head with SIGTERM and shows each of
+//! its workers' handoff time and longest gap between head beats.
 //!
 //! Every process it starts is stopped when it ends, also on Ctrl-C or
 //! SIGTERM: they belong to a [`Cluster`], which kills them when dropped.
