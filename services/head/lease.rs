@@ -30,6 +30,9 @@ pub struct LeaseState {
     /// keeping its workers is safe, and a Redis outage must not move every
     /// worker of the cluster.
     suspended: AtomicBool,
+    /// A reclaim failed: the next refresh must retry it even though the
+    /// failed attempt already recreated the lease.
+    reclaim_pending: AtomicBool,
 }
 
 impl Default for LeaseState {
@@ -38,6 +41,7 @@ impl Default for LeaseState {
             held: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             suspended: AtomicBool::new(false),
+            reclaim_pending: AtomicBool::new(false),
         }
     }
 }
@@ -133,7 +137,7 @@ impl LeaseLoop {
         {
             Ok(refresh) => {
                 let was_held = state.held.load(Ordering::Relaxed);
-                if !refresh.existed {
+                if !refresh.existed || state.reclaim_pending.load(Ordering::Relaxed) {
                     // The lease lapsed (paused, cut off, or Redis lost its
                     // data): other heads may have taken some workers.
                     // Re-record the rest before beating again.
@@ -146,6 +150,7 @@ impl LeaseLoop {
                         state.suspended.store(true, Ordering::Relaxed);
                         match registry.reclaim(&lease.head_id, &streams, lease.ttl).await {
                             Ok(stale) => {
+                                state.reclaim_pending.store(false, Ordering::Relaxed);
                                 warn!(head = %lease.head_id, kept = streams.len() - stale.len(), let_go = stale.len(), "lease had lapsed; re-registered and re-recorded workers");
                                 for worker in stale {
                                     attached.close(&worker);
@@ -156,12 +161,16 @@ impl LeaseLoop {
                                 // leave the lease unheld and retry.
                                 warn!(head = %lease.head_id, error = %e, "cannot re-record workers after a lapsed lease; retrying");
                                 state.held.store(false, Ordering::Relaxed);
+                                state.reclaim_pending.store(true, Ordering::Relaxed);
                                 publish_readiness(state, health).await;
                                 return;
                             }
                         }
-                    } else if was_held {
-                        warn!(head = %lease.head_id, "lease had lapsed; registered again");
+                    } else {
+                        state.reclaim_pending.store(false, Ordering::Relaxed);
+                        if was_held {
+                            warn!(head = %lease.head_id, "lease had lapsed; registered again");
+                        }
                     }
                 }
                 for (worker, epoch) in &refresh.fenced {
