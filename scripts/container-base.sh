@@ -55,8 +55,14 @@ fi
 
 # Several test processes may ask for the image at once: one builds, the
 # others wait here and then find it.
+# (A read-only descriptor is enough for flock, so root and other users can
+# share one lock file.)
 lock=${TMPDIR:-/tmp}/tether-container-base.lock
-exec 9>"$lock"
+if [ ! -e "$lock" ]; then
+    : >"$lock"
+    chmod 0666 "$lock" 2>/dev/null || true
+fi
+exec 9<"$lock"
 flock 9
 
 if [ -z "$force" ] && docker image inspect "$tag" >/dev/null 2>&1; then
