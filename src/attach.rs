@@ -142,7 +142,7 @@ pub async fn run(
                 id,
                 addr: String::new(),
                 state: "ready".into(),
-                assigned: 0,
+                ..HeadEntry::default()
             }),
             prefer_if_listed: true,
             only_prefer: false,
@@ -508,7 +508,7 @@ async fn follow(
         id: redirect.suggested_head_id.clone(),
         addr: redirect.suggested_head_addr.clone(),
         state: "ready".into(),
-        assigned: 0,
+        ..HeadEntry::default()
     });
     if prefer.is_none() && !draining {
         return Err("a rebalance without a suggested head".into());

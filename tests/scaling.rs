@@ -1149,3 +1149,40 @@ async fn a_head_never_holds_more_than_its_capacity() {
         "head-0 (capacity 5) holds more than 5:\n{after}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_head_takes_its_share_again() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let args = ["--rebalance-cooldown", "1s"];
+    let mut scene = Scene::start(2, 20, &args).await;
+    wait_quiet(
+        &mut scene,
+        Duration::from_millis(1500),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    // head-1 crashes: everyone ends on head-0.
+    ok(scene.cluster.process_mut("head-1").expect("head-1").kill());
+    let survivors = scene.heads_except(&["head-1"]);
+    scene.settle_on(&survivors, Duration::from_secs(5)).await;
+    drop(scene.cluster.remove("head-1"));
+    scene.heads.retain(|h| h.id != "head-1");
+
+    // It comes back under the same id, as a new process: a paused head
+    // would be left alone, a restarted one gets its share again.
+    scene.add_head("head-1", &args).await;
+    let after = wait_quiet(
+        &mut scene,
+        Duration::from_millis(1500),
+        Duration::from_secs(30),
+    )
+    .await;
+    let load = loads(&after).get("head-1").copied().unwrap_or(0);
+    eprintln!("after head-1 restarted: loads {:?}", loads(&after));
+    assert!(
+        (4..=16).contains(&load),
+        "the restarted head holds {load} of 20 workers; expected its share (4..=16); loads {:?}",
+        loads(&after)
+    );
+}

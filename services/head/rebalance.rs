@@ -17,6 +17,9 @@ use tracing::{debug, info};
 /// How long after a head joins it counts as new, i.e. a rebalance target.
 const NEW_HEAD_WINDOW: Duration = Duration::from_secs(60);
 
+/// What the loop remembers of a head: joined at, last seen, started ms.
+type Known = (Option<Instant>, Instant, i64);
+
 /// The rebalance loop's inputs.
 pub struct Rebalance {
     pub head_id: String,
@@ -36,10 +39,12 @@ impl Rebalance {
     /// Runs until `shutdown`.
     pub async fn run(self, mut shutdown: Shutdown) {
         // Per head: when it joined (`None` for heads present at this
-        // head's start, which already hold their share) and when it was
-        // last seen. A head that vanishes briefly (paused, restarted) is
-        // remembered for the window, so it does not count as new again.
-        let mut known: Option<HashMap<String, (Option<Instant>, Instant)>> = None;
+        // head's start, which already hold their share), when it was last
+        // seen, and its process start time. A head that merely vanished
+        // for a while (paused, cut off) is remembered for the window, so it
+        // does not count as new again; a restarted one (new start time,
+        // empty) does.
+        let mut known: Option<HashMap<String, Known>> = None;
         let mut budget = 0.0f64;
         let per_tick = self.rate * self.interval.as_secs_f64();
         loop {
@@ -59,23 +64,31 @@ impl Rebalance {
             };
             tether::metrics::METRICS.heads_live.set(heads.len() as i64);
             let now = Instant::now();
-            let known = known
-                .get_or_insert_with(|| heads.iter().map(|h| (h.id.clone(), (None, now))).collect());
+            let known = known.get_or_insert_with(|| {
+                heads
+                    .iter()
+                    .map(|h| (h.id.clone(), (None, now, h.started_ms)))
+                    .collect()
+            });
             for h in &heads {
-                known
-                    .entry(h.id.clone())
-                    .and_modify(|(_, seen)| *seen = now)
-                    .or_insert_with(|| {
+                match known.get_mut(&h.id) {
+                    Some(k) if k.2 == h.started_ms => k.1 = now,
+                    Some(k) => {
+                        info!(head = %self.head_id, restarted = %h.id, "a head restarted; rebalancing its share to it");
+                        *k = (Some(now), now, h.started_ms);
+                    }
+                    None => {
                         info!(head = %self.head_id, joined = %h.id, "a head joined; rebalancing its share to it");
-                        (Some(now), now)
-                    });
+                        known.insert(h.id.clone(), (Some(now), now, h.started_ms));
+                    }
+                }
             }
             // A head that vanished without saying goodbye: its lease
             // expired. The live head with the smallest id announces it, so
             // one event goes out, not one per head.
             let announcer =
                 heads.iter().map(|h| h.id.as_str()).min() == Some(self.head_id.as_str());
-            for (id, (_, seen)) in known.iter() {
+            for (id, (_, seen, _)) in known.iter() {
                 if *seen != now && now.duration_since(*seen) < self.interval * 3 / 2 && announcer {
                     self.events.emit(
                         tether::pb::EventKind::HeadGone,
@@ -87,9 +100,9 @@ impl Rebalance {
                     );
                 }
             }
-            known.retain(|_, (_, seen)| now.duration_since(*seen) < NEW_HEAD_WINDOW);
+            known.retain(|_, (_, seen, _)| now.duration_since(*seen) < NEW_HEAD_WINDOW);
             let ready: Vec<_> = heads.iter().filter(|h| h.state == "ready").collect();
-            let is_new = |id: &str| matches!(known.get(id), Some((Some(t), _)) if now.duration_since(*t) < NEW_HEAD_WINDOW);
+            let is_new = |id: &str| matches!(known.get(id), Some((Some(t), _, _)) if now.duration_since(*t) < NEW_HEAD_WINDOW);
             if !ready.iter().any(|h| is_new(&h.id)) {
                 budget = 0.0;
                 continue;

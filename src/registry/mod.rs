@@ -57,7 +57,7 @@ pub enum RegistryError {
 pub type Result<T> = std::result::Result<T, RegistryError>;
 
 /// A live head as the registry sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeadEntry {
     /// The head's id.
     pub id: String,
@@ -68,6 +68,9 @@ pub struct HeadEntry {
     pub state: String,
     /// How many workers Redis counts as assigned to it.
     pub assigned: u64,
+    /// When the head process started (Unix ms): a restart changes it, a
+    /// pause does not.
+    pub started_ms: i64,
 }
 
 /// A worker's current assignment.
@@ -340,13 +343,14 @@ impl Registry {
         let flat: Vec<redis::Value> = self
             .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
-        let mut heads = Vec::with_capacity(flat.len() / 4);
-        for chunk in flat.chunks_exact(4) {
+        let mut heads = Vec::with_capacity(flat.len() / 5);
+        for chunk in flat.chunks_exact(5) {
             heads.push(HeadEntry {
                 id: text(&chunk[0])?,
                 addr: text(&chunk[1])?,
                 state: text(&chunk[2])?,
                 assigned: number(&chunk[3])?,
+                started_ms: text(&chunk[4])?.parse().unwrap_or(0),
             });
         }
         heads.sort_by(|a, b| a.id.cmp(&b.id));

@@ -49,14 +49,14 @@ return 1
 ///
 /// KEYS: heads set. ARGV: head key prefix, worker-set key prefix.
 /// Returns a flat list: id, addr, state (`ready`, `draining` or `stale`),
-/// assigned workers, for each head.
+/// assigned workers, start time (Unix ms), for each head.
 pub static LIVE_HEADS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[1] .. id
-  local h = redis.call('HMGET', key, 'addr', 'state', 'ttl_ms')
+  local h = redis.call('HMGET', key, 'addr', 'state', 'ttl_ms', 'started_ms')
   if h[1] then
     local state = h[2] or 'ready'
     -- A live head refreshes every interval, well within its TTL; one whose
@@ -71,6 +71,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     table.insert(out, h[1])
     table.insert(out, state)
     table.insert(out, redis.call('SCARD', ARGV[2] .. id))
+    table.insert(out, h[4] or '0')
   else
     redis.call('SREM', KEYS[1], id)
   end
