@@ -15,14 +15,16 @@ TEST_ARGS   ?=
 # `make demo DEMO_ARGS="--heartbeat-interval 200ms --heartbeat-timeout 600ms"`.
 DEMO_ARGS   ?=
 IMAGE       ?= tether:dev
+# Base of `image-prebuilt`; tether-base:bookworm (make container-base) needs no registry.
+RUNTIME_BASE ?= debian:bookworm-slim
 # Where `make test` keeps the Python packages of tests/python_client.rs.
 export TETHER_PYTHON_VENV ?= target/python-venv
 
 .DEFAULT_GOAL := help
-.PHONY: help redis test-deps build release demo test lint fmt image clean
+.PHONY: help redis test-deps build release demo test lint fmt image image-prebuilt container-base test-containers clean
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 redis: ## Make sure redis-server is installed (apt-get when missing)
 	@scripts/ensure-redis.sh
@@ -36,7 +38,7 @@ build: ## Build everything (debug)
 release: ## Build every binary (release)
 	$(CARGO) build $(CARGO_FLAGS) --release --bins
 
-demo: redis ## 3 heads, 12 workers, SIGKILL one head, time the failover
+demo: redis ## 3 heads, 12 workers: SIGKILL one head (failover times), SIGTERM another (drain)
 	$(CARGO) build $(CARGO_FLAGS) --release --bin tether-head --bin tether-worker --example demo
 	target/release/examples/demo $(DEMO_ARGS)
 
@@ -55,8 +57,21 @@ lint: ## rustfmt check, clippy with warnings as errors, shellcheck
 fmt: ## Format the Rust sources
 	$(CARGO) fmt --all
 
-image: ## Build the container image (IMAGE=tether:dev)
+image: ## Build the container image, all three binaries (IMAGE=tether:dev)
 	docker build -t $(IMAGE) .
+
+image-prebuilt: ## The image from host-built release binaries (RUNTIME_BASE=...)
+	$(CARGO) build $(CARGO_FLAGS) --release --bins
+	rm -rf target/image && mkdir -p target/image
+	cp target/release/tether-head target/release/tether-worker target/release/tetherctl \
+		scripts/docker-entrypoint.sh target/image/
+	docker build -f deploy/Dockerfile.prebuilt --build-arg RUNTIME_BASE=$(RUNTIME_BASE) -t $(IMAGE) target/image
+
+container-base: ## Build tether-base:bookworm with debootstrap (root; no registry needed)
+	scripts/container-base.sh
+
+test-containers: test-deps ## Only the container and manifest tests (fail without Docker)
+	TETHER_REQUIRE_DOCKER=1 $(CARGO) test $(CARGO_FLAGS) --test containers --test deploy_manifests -- $(TEST_ARGS)
 
 clean: ## Remove build output
 	$(CARGO) clean

@@ -58,7 +58,7 @@ scripts/ensure-redis.sh
 if command -v docker >/dev/null 2>&1 &&
     timeout 30 docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then
     need=()
-    command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+    command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
     if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
         need+=(docker-compose)
     fi
