@@ -225,6 +225,11 @@ pub struct CommonArgs {
     #[arg(long, env = "TETHER_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
 
+    /// Most gRPC connections served at once; more are closed on arrival.
+    /// A worker uses one. [default: the open-file limit minus 128]
+    #[arg(long, env = "TETHER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
     #[command(flatten)]
     pub security: crate::security::SecurityArgs,
 }

@@ -3,12 +3,21 @@
 //! their own service.
 
 use crate::security::{AuthLayer, ServerSecurity};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::Stream;
+use tonic::transport::server::Connected;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::Server;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tower::layer::util::{Identity, Stack};
+use tracing::warn;
 
 /// The largest message any Tether server accepts or sends. Beats and
 /// requests are tiny; a large message is a bug or an attack.
@@ -70,10 +79,143 @@ pub fn router(
 }
 
 /// Accepted connections with Nagle off (a beat must not wait for the next
-/// one) and TCP keepalive on. Server-level `tcp_*` settings are ignored by
-/// `serve_with_incoming*`, so they are set here.
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
+/// one) and TCP keepalive on, at most `max_connections` at once.
+/// Server-level `tcp_*` settings are ignored by `serve_with_incoming*`, so
+/// they are set here.
+///
+/// Past the bound a new connection is closed at once, before any HTTP/2
+/// or TLS work, so a flood cannot exhaust descriptors or memory and the
+/// streams already open keep beating. An accept error (descriptors
+/// exhausted anyway) pauses accepting for a moment instead of spinning.
+pub fn incoming(
+    listener: TcpListener,
+    max_connections: usize,
+) -> impl Stream<Item = std::io::Result<Limited<TcpStream>>> {
+    Bounded {
+        inner: TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60))),
+        permits: Arc::new(Semaphore::new(max_connections.max(1))),
+        pause: None,
+        refused: 0,
+    }
+}
+
+/// The connection bound to use when none is configured: the process's
+/// open-file limit, minus room for Redis, logs and the metrics port.
+pub fn default_max_connections() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+        })
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1024);
+    soft.saturating_sub(128).max(64)
+}
+
+/// A connection that holds one permit of the bound until it closes.
+#[derive(Debug)]
+pub struct Limited<IO> {
+    io: IO,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Bounded {
+    inner: TcpIncoming,
+    permits: Arc<Semaphore>,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Connections refused since the last log line about it.
+    refused: u64,
+}
+
+impl Stream for Bounded {
+    type Item = std::io::Result<Limited<TcpStream>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(pause) = self.pause.as_mut() {
+                if pause.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.pause = None;
+            }
+            match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(io))) => match self.permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        return Poll::Ready(Some(Ok(Limited {
+                            io,
+                            _permit: permit,
+                        })))
+                    }
+                    Err(_) => {
+                        drop(io);
+                        self.refused += 1;
+                        if self.refused.is_power_of_two() {
+                            warn!(
+                                refused = self.refused,
+                                "connection limit reached; refusing new connections"
+                            );
+                        }
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => {
+                    warn!(error = %e, "accept failed; pausing accepts for 50ms");
+                    self.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(50))));
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl<IO: Connected> Connected for Limited<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
 }

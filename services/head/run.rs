@@ -149,9 +149,17 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
     let mut server_task = tokio::spawn(
         router
             .add_service(head_service)
-            .serve_with_incoming_shutdown(server::incoming(listener), async {
-                let _ = server_stopped.await;
-            }),
+            .serve_with_incoming_shutdown(
+                server::incoming(
+                    listener,
+                    args.common
+                        .max_connections
+                        .unwrap_or_else(server::default_max_connections),
+                ),
+                async {
+                    let _ = server_stopped.await;
+                },
+            ),
     );
     if let Some(l) = metrics_listener {
         tokio::spawn(tether::metrics::serve(

@@ -351,11 +351,12 @@ impl StreamTask {
             // A worker that moved on (handoff) is not "left": only report
             // it when its assignment here was still current.
             let svc = &self.svc;
-            match svc
-                .registry
-                .release(&svc.cfg.id, &s.worker_id, s.epoch)
-                .await
-            {
+            // Boxed: the release future is large (pool, script, timeout)
+            // and would otherwise sit inline in every stream task for the
+            // stream's whole life, though it only runs at the very end.
+            // Inline, it made each task 12 KB instead of 1.5 KB.
+            let release = Box::pin(svc.registry.release(&svc.cfg.id, &s.worker_id, s.epoch));
+            match release.await {
                 Ok(true) => svc.events.emit(
                     EventKind::WorkerLeft,
                     &svc.cfg.id,

@@ -100,9 +100,17 @@ pub async fn run(
     let mut server_task = tokio::spawn(
         router
             .add_service(status_service)
-            .serve_with_incoming_shutdown(server::incoming(listener), async move {
-                server_stop.wait().await;
-            }),
+            .serve_with_incoming_shutdown(
+                server::incoming(
+                    listener,
+                    args.common
+                        .max_connections
+                        .unwrap_or_else(server::default_max_connections),
+                ),
+                async move {
+                    server_stop.wait().await;
+                },
+            ),
     );
     if let Some(l) = metrics_listener {
         tokio::spawn(tether::metrics::serve(
