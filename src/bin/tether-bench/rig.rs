@@ -126,6 +126,12 @@ impl Rig {
             .is_some_and(|p| p.exit_status().is_some())
     }
 
+    /// Whether head `id`'s log holds `needle`.
+    pub fn log_contains(&self, id: &str, needle: &str) -> bool {
+        let path = self.cluster.process(id).expect("a known head").log_path();
+        std::fs::read_to_string(path).is_ok_and(|log| log.contains(needle))
+    }
+
     /// The last `n` lines of head `id`'s log.
     pub fn log_tail(&self, id: &str, n: usize) -> String {
         self.cluster.process(id).expect("a known head").log_tail(n)
@@ -182,14 +188,15 @@ impl Rig {
 }
 
 /// The calls made between two `commandstats` readings, leaving out
-/// `info` (the bench's own readings) and `ping`.
+/// `info` (the bench's own readings). `ping` and `unwatch` stay: the
+/// connection pool sends them before every use of a pooled connection.
 pub fn calls_between(
     before: &BTreeMap<String, u64>,
     after: &BTreeMap<String, u64>,
 ) -> BTreeMap<String, u64> {
     after
         .iter()
-        .filter(|(name, _)| !matches!(name.as_str(), "info" | "ping"))
+        .filter(|(name, _)| name.as_str() != "info")
         .map(|(name, n)| {
             (
                 name.clone(),

@@ -21,7 +21,7 @@ pub struct CapacityArgs {
     pub common: Common,
 
     /// Fleet sizes to try, in order [default: 2000 to 18000 by 2000, then
-    /// 19000, 19500, 19900, 19950, 19975, 20000].
+    /// 19000, 19500, 19800, 19850, 19900, 19950, 20000].
     #[arg(long, value_delimiter = ',')]
     pub steps: Vec<usize>,
 
@@ -36,7 +36,7 @@ pub struct CapacityArgs {
 
 fn default_steps() -> Vec<usize> {
     let mut steps: Vec<usize> = (1..=9).map(|k| k * 2000).collect();
-    steps.extend([19_000, 19_500, 19_900, 19_950, 19_975, 20_000]);
+    steps.extend([19_000, 19_500, 19_800, 19_850, 19_900, 19_950, 20_000]);
     steps
 }
 
@@ -92,7 +92,7 @@ pub async fn run(args: &CapacityArgs) -> Result<Report, String> {
     for &n in &steps {
         let start = Instant::now();
         bench.fleet.grow(n - bench.fleet.len()).await;
-        if let Err(why) = wait_step(&bench, pid, head_limit, args.step_timeout).await {
+        if let Err(why) = wait_step(&bench, &head, pid, head_limit, args.step_timeout).await {
             stopped_by = format!(
                 "at {n}: {why}; {}",
                 diagnose(&mut bench, &head, pid, head_limit, bench_limit)
@@ -208,10 +208,12 @@ fn step_row(n: usize, took: Option<Duration>, cpu: Option<f64>, verdict: &str) -
     ])
 }
 
-/// Waits until every worker is attached. Gives up early when the head's
-/// descriptors are used up and no worker attached for five seconds.
+/// Waits until every worker is attached. Gives up early when no worker
+/// attached for five seconds while the head has used up its descriptors
+/// or refuses connections past its bound.
 async fn wait_step(
     bench: &Bench,
+    head: &str,
     pid: Pid,
     head_limit: u64,
     timeout: Duration,
@@ -229,8 +231,11 @@ async fn wait_step(
             best = attached;
             best_at = Instant::now();
         }
+        let stuck = best_at.elapsed() >= Duration::from_secs(5);
         let fds = procfs::open_fds(pid).unwrap_or(0) as u64;
-        if fds + 4 >= head_limit && best_at.elapsed() >= Duration::from_secs(5) {
+        if stuck
+            && (fds + 4 >= head_limit || bench.rig.log_contains(head, "connection limit reached"))
+        {
             return Err(format!("{attached} of {total} attached, none more for 5 s"));
         }
         if start.elapsed() >= timeout {
@@ -258,7 +263,11 @@ fn diagnose(bench: &mut Bench, head: &str, pid: Pid, head_limit: u64, bench_limi
             _ => f64::NAN,
         }
     };
-    if head_fds + 4 >= head_limit {
+    let bound = bench.rig.log_contains(head, "connection limit reached");
+    let accept_failed = bench.rig.log_contains(head, "accept failed");
+    if bound {
+        format!("the head refused connections past its connection bound (--max-connections; by default its open-file limit {head_limit} less 128); {head_fds} descriptors open")
+    } else if accept_failed || head_fds + 4 >= head_limit {
         format!("the head ran out of descriptors ({head_fds} open, limit {head_limit}; head CPU {head_cpu:.0} % while refusing)")
     } else if bench_fds + 4 >= bench_limit {
         format!("the bench ran out of descriptors ({bench_fds} open, limit {bench_limit})")

@@ -5,6 +5,7 @@
 
 use super::{Bench, Common};
 use crate::fleet::Fleet;
+use crate::procfs::{self, Pid};
 use crate::report::{Json, Report};
 use crate::stats::{missed_beats, Summary};
 use std::time::{Duration, Instant};
@@ -105,11 +106,20 @@ pub async fn run(kind: Kind, args: &MoveArgs) -> Result<Report, String> {
         .max()
         .unwrap_or_default();
 
+    let cpu_before = CpuUse::read(&bench);
     let (t0, send_took) = bench.rig.signal(&victim, kind.signal())?;
     let times = wait_moves(&bench.fleet, &orphans, &victim, t0, args.move_timeout).await;
-    let moved: Vec<Duration> = times.iter().flatten().copied().collect();
+    let cpu_spent = CpuUse::read(&bench).since(&cpu_before);
+    let moved: Vec<Moved> = times.iter().flatten().copied().collect();
     let not_moved = times.len() - moved.len();
-    let summary = Summary::new(moved);
+    let summary = Summary::new(moved.iter().map(|m| m.total).collect());
+    let detected = Summary::new(moved.iter().filter_map(|m| m.detected).collect());
+    let reattached = Summary::new(
+        moved
+            .iter()
+            .filter_map(|m| m.detected.map(|d| m.total.saturating_sub(d)))
+            .collect(),
+    );
 
     // A drained head exits once its workers left: time that too.
     let exit_after = if kind == Kind::Drain {
@@ -128,7 +138,31 @@ pub async fn run(kind: Kind, args: &MoveArgs) -> Result<Report, String> {
     report.metric_count("orphaned", "workers on the victim", orphans.len() as u64);
     report.metric_ms("signal_send_ms", "sending the signal took", Some(send_took));
     summary.add_to(&mut report, "move", move_label(kind));
+    if kind != Kind::Drain {
+        // Where the time goes: noticing the loss, then finding a new head.
+        for (key, label, part) in [
+            ("detect", "signal -> loss noticed", &detected),
+            ("reattach", "loss noticed -> first new beat", &reattached),
+        ] {
+            report.metric_ms(
+                &format!("{key}_p50_ms"),
+                &format!("{label}: p50"),
+                part.percentile(50.0),
+            );
+            report.metric_ms(
+                &format!("{key}_p99_ms"),
+                &format!("{label}: p99"),
+                part.percentile(99.0),
+            );
+            report.metric_ms(
+                &format!("{key}_max_ms"),
+                &format!("{label}: max"),
+                part.max(),
+            );
+        }
+    }
     report.metric_count("not_moved", "orphans not attached again", not_moved as u64);
+    cpu_spent.add_to(&mut report, orphans.len());
     report.metric_count(
         "others_moved",
         "other workers that moved",
@@ -300,29 +334,109 @@ async fn wait_moves(
     victim: &str,
     t0: Instant,
     timeout: Duration,
-) -> Vec<Option<Duration>> {
-    let mut done: Vec<Option<Duration>> = vec![None; orphans.len()];
+) -> Vec<Option<Moved>> {
+    let mut done: Vec<Option<Moved>> = vec![None; orphans.len()];
     let mut left = orphans.len();
     while left > 0 && t0.elapsed() < timeout {
         for (k, &i) in orphans.iter().enumerate() {
             if done[k].is_some() {
                 continue;
             }
-            let at = fleet.with(i, |s| {
-                if s.attached && s.head_id != victim {
-                    s.attached_at.filter(|a| *a >= t0)
-                } else {
-                    None
+            let moved = fleet.with(i, |s| {
+                if !s.attached || s.head_id == victim {
+                    return None;
                 }
+                let at = s.attached_at.filter(|a| *a >= t0)?;
+                Some(Moved {
+                    total: at - t0,
+                    // Unset on a handoff: the worker never lost its head.
+                    detected: s.lost_at.filter(|l| *l >= t0).map(|l| l - t0),
+                })
             });
-            if let Some(at) = at {
-                done[k] = Some(at - t0);
+            if let Some(moved) = moved {
+                done[k] = Some(moved);
                 left -= 1;
             }
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     done
+}
+
+/// CPU time used so far by the bench (all simulated workers), the heads
+/// still running, and Redis.
+#[derive(Debug, Clone, Default)]
+struct CpuUse {
+    bench: Duration,
+    heads: Duration,
+    redis: Duration,
+}
+
+impl CpuUse {
+    fn read(bench: &Bench) -> Self {
+        let heads = bench
+            .rig
+            .head_ids()
+            .iter()
+            .filter_map(|id| procfs::cpu(Pid::Of(bench.rig.pid(id))))
+            .map(|s| s.cpu)
+            .sum();
+        Self {
+            bench: procfs::cpu(Pid::Me).map(|s| s.cpu).unwrap_or_default(),
+            heads,
+            redis: bench.rig.redis_cpu().unwrap_or_default(),
+        }
+    }
+
+    /// What was used since `before`. A head that died meanwhile drops out
+    /// of the sum, so the heads' share is a lower bound.
+    fn since(&self, before: &CpuUse) -> CpuUse {
+        CpuUse {
+            bench: self.bench.saturating_sub(before.bench),
+            heads: self.heads.saturating_sub(before.heads),
+            redis: self.redis.saturating_sub(before.redis),
+        }
+    }
+
+    /// Rows: CPU used while the orphans moved, and per moved worker. The
+    /// machine's cores bound how many moves a second it can make.
+    fn add_to(&self, report: &mut Report, moved: usize) {
+        let total = self.bench + self.heads + self.redis;
+        let per = |d: Duration| d.as_secs_f64() * 1000.0 / moved.max(1) as f64;
+        report.metric(
+            "cpu_during_moves_ms",
+            "CPU used until the last orphan moved",
+            Json::ms(total),
+            format!(
+                "{:.0} ms (bench {:.0}, heads {:.0}, redis {:.0}; ticks of 10 ms)",
+                total.as_secs_f64() * 1000.0,
+                self.bench.as_secs_f64() * 1000.0,
+                self.heads.as_secs_f64() * 1000.0,
+                self.redis.as_secs_f64() * 1000.0
+            ),
+        );
+        report.metric(
+            "cpu_per_move_ms",
+            "CPU per moved worker",
+            per(total),
+            format!(
+                "{:.2} ms (bench {:.2}, heads {:.2}, redis {:.2})",
+                per(total),
+                per(self.bench),
+                per(self.heads),
+                per(self.redis)
+            ),
+        );
+    }
+}
+
+/// One orphan's move, measured from the signal.
+#[derive(Debug, Clone, Copy)]
+struct Moved {
+    /// Until its first beat on the new head.
+    total: Duration,
+    /// Until it found its head lost (`Snapshot::lost_at`).
+    detected: Option<Duration>,
 }
 
 /// Waits until head `id` exited; the time from `t0` if it did.
