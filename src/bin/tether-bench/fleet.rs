@@ -169,6 +169,38 @@ impl Fleet {
         }
     }
 
+    /// Waits `duration` and measures the beat gaps that fall into it:
+    /// each worker's longest silence seen by polling `last_head_beat`
+    /// every 50 ms, and its `max_beat_gap` if that grew meanwhile (which
+    /// then is exact). `max_beat_gap` alone counts since the worker
+    /// attached, so it would blame a window for a gap during the ramp.
+    pub async fn watch_gaps(&self, duration: Duration) -> Vec<Duration> {
+        let n = self.workers.len();
+        let before: Vec<Duration> = (0..n).map(|i| self.with(i, |s| s.max_beat_gap)).collect();
+        let mut longest = vec![Duration::ZERO; n];
+        let start = Instant::now();
+        while start.elapsed() < duration {
+            let left = duration.saturating_sub(start.elapsed());
+            tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+            let now = Instant::now();
+            for (i, l) in longest.iter_mut().enumerate() {
+                let silent = self.with(i, |s| {
+                    s.last_head_beat.map_or(now.duration_since(start), |b| {
+                        now.saturating_duration_since(b)
+                    })
+                });
+                *l = (*l).max(silent);
+            }
+        }
+        for (i, l) in longest.iter_mut().enumerate() {
+            let after = self.with(i, |s| s.max_beat_gap);
+            if after > before[i] {
+                *l = (*l).max(after);
+            }
+        }
+        longest
+    }
+
     /// Stops every worker (their streams close) and waits a bounded time
     /// for the tasks to end.
     pub async fn stop(self) {

@@ -47,6 +47,8 @@ pub async fn run(args: &CapacityArgs) -> Result<Report, String> {
     }
     let mut common = args.common.clone();
     common.registry_pool.get_or_insert(4);
+    // Each step's ramp must not be what breaks the fleet already held.
+    common.ramp_rate.get_or_insert(500.0);
     let c = &common;
     let mut steps = if args.steps.is_empty() {
         default_steps()
@@ -104,7 +106,7 @@ pub async fn run(args: &CapacityArgs) -> Result<Report, String> {
         let before = bench.fleet.views();
         let cpu0 = procfs::cpu(pid);
         let me0 = procfs::cpu(Pid::Me);
-        tokio::time::sleep(args.hold).await;
+        let window_gaps = bench.fleet.watch_gaps(args.hold).await;
         let cpu1 = procfs::cpu(pid);
         let me1 = procfs::cpu(Pid::Me);
         let after = bench.fleet.views();
@@ -112,11 +114,11 @@ pub async fn run(args: &CapacityArgs) -> Result<Report, String> {
             .map(|i| after[i].reassignments - before[i].reassignments)
             .sum();
         let unattached = after.iter().filter(|v| !v.attached).count();
-        let missing = after
+        let missing = window_gaps
             .iter()
-            .filter(|v| missed_beats(v.max_beat_gap, c.heartbeat_interval) > 0)
+            .filter(|g| missed_beats(**g, c.heartbeat_interval) > 0)
             .count();
-        let gaps = Summary::new(after.iter().map(|v| v.max_beat_gap).collect());
+        let gaps = Summary::new(window_gaps);
         let rss = procfs::status_kib(pid, "VmRSS").unwrap_or(0);
         let fds = procfs::open_fds(pid).unwrap_or(0);
         let cpu = match (cpu0, cpu1) {

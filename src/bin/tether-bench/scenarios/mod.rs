@@ -45,9 +45,10 @@ pub struct Common {
     #[arg(long)]
     pub json: Option<PathBuf>,
 
-    /// Workers started per second while the fleet grows.
-    #[arg(long, default_value = "2000")]
-    pub ramp_rate: f64,
+    /// Workers started per second while the fleet grows [default: 2000;
+    /// 500 for `capacity`].
+    #[arg(long)]
+    pub ramp_rate: Option<f64>,
 
     /// Redis connections the simulated workers share [default: 32; 4 for
     /// `capacity`, where every descriptor of the bench counts].
@@ -85,7 +86,7 @@ impl Common {
         if self.workers == Some(0) || self.heads == Some(0) {
             return Err("--heads and --workers must be at least 1".into());
         }
-        if !self.ramp_rate.is_finite() || self.ramp_rate <= 0.0 {
+        if !self.ramp().is_finite() || self.ramp() <= 0.0 {
             return Err("--ramp-rate must be above 0".into());
         }
         Ok(())
@@ -106,6 +107,11 @@ impl Common {
         args
     }
 
+    /// Workers started per second while the fleet grows.
+    pub fn ramp(&self) -> f64 {
+        self.ramp_rate.unwrap_or(2000.0)
+    }
+
     /// The size of the workers' shared Redis pool.
     pub fn pool(&self) -> usize {
         self.registry_pool.unwrap_or(32).max(1)
@@ -124,7 +130,7 @@ impl Common {
         report.config("heartbeat_interval_ms", ms(self.heartbeat_interval));
         report.config("heartbeat_timeout_ms", ms(self.heartbeat_timeout));
         report.config("lease_ttl_ms", ms(self.lease_ttl));
-        report.config("ramp_rate", self.ramp_rate);
+        report.config("ramp_rate", self.ramp());
         report.config("registry_pool", self.pool());
         report.config("threads", self.threads.unwrap_or(0));
         if !self.head_args.is_empty() {
@@ -172,7 +178,7 @@ impl Bench {
             registry_pool: common.pool(),
             connect_timeout: common.connect_timeout,
             max_backoff: common.max_backoff,
-            ramp_rate: common.ramp_rate,
+            ramp_rate: common.ramp(),
         })?;
         Ok(Self { rig, fleet })
     }
