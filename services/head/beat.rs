@@ -1,41 +1,126 @@
-//! The head's one beat timer. Every stream task watches it, so a head with
-//! ten thousand workers runs one timer, not ten thousand.
+//! The head's one beat timer. Stream tasks watch it, so a head with ten
+//! thousand workers runs one timer, not ten thousand.
+//!
+//! Its ticks are spread over the interval in [`PHASES`] phases, and each
+//! stream beats on one phase: a head sends an eighth of its beats every
+//! eighth of an interval instead of all of them at once. In one burst, a
+//! stream's place in the queue changes from tick to tick, so with many
+//! streams its beats arrived up to the burst's length early or late; with
+//! 16,000 streams that was more than half an interval.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tether::registry::now_ms;
 use tether::shutdown::Shutdown;
 use tokio::sync::watch;
 
-/// One tick of the beat timer.
+/// Phases per interval.
+pub const PHASES: usize = 8;
+
+/// One tick of the beat timer, on one phase.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tick {
-    /// Counts ticks from 1; 0 before the first.
+    /// Counts intervals from 1; 0 before the first. Every phase sends the
+    /// same value within an interval.
     pub sequence: u64,
     /// When the tick fired, Unix ms.
     pub at_ms: i64,
 }
 
-/// Starts the timer; it stops at shutdown, which closes the channel.
-pub fn start(interval: Duration, mut shutdown: Shutdown) -> watch::Receiver<Tick> {
-    let (tx, rx) = watch::channel(Tick {
-        sequence: 0,
-        at_ms: now_ms(),
-    });
+/// The beat timer's phases. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Beats {
+    phases: Arc<[watch::Receiver<Tick>]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Beats {
+    /// The phase a new stream beats on, round robin so that the phases
+    /// stay even.
+    pub fn next_phase(&self) -> watch::Receiver<Tick> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.phases.len();
+        self.phases[i].clone()
+    }
+}
+
+/// Starts the timer; it stops at shutdown, which closes the channels.
+pub fn start(interval: Duration, mut shutdown: Shutdown) -> Beats {
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..PHASES)
+        .map(|_| {
+            watch::channel(Tick {
+                sequence: 0,
+                at_ms: now_ms(),
+            })
+        })
+        .unzip();
     tokio::spawn(async move {
-        let mut timer = tokio::time::interval(interval);
+        let mut timer = tokio::time::interval(interval / PHASES as u32);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sequence = 0;
+        let mut ticks: u64 = 0;
+        let mut last = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = timer.tick() => {
-                    sequence += 1;
-                    if tx.send(Tick { sequence, at_ms: now_ms() }).is_err() {
-                        return;
+                    let sequence = ticks / PHASES as u64 + 1;
+                    let at_ms = now_ms();
+                    // The timer did not run for a whole interval: the head
+                    // was paused (SIGSTOP, a stalled machine). Every stream
+                    // checks its worker's silence at once, as with a single
+                    // tick, so that a woken head lets go of the workers
+                    // that left meanwhile without waiting for its phases.
+                    let stalled = last.elapsed() > interval;
+                    last = tokio::time::Instant::now();
+                    let phases = if stalled {
+                        ticks = sequence * PHASES as u64;
+                        &senders[..]
+                    } else {
+                        let phase = (ticks % PHASES as u64) as usize;
+                        ticks += 1;
+                        &senders[phase..=phase]
+                    };
+                    for phase in phases {
+                        if phase.send(Tick { sequence, at_ms }).is_err() {
+                            return;
+                        }
                     }
                 }
                 _ = shutdown.wait() => return,
             }
         }
     });
-    rx
+    Beats {
+        phases: receivers.into(),
+        next: Arc::new(AtomicUsize::new(0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn phases_beat_in_turn_once_an_interval() {
+        let (_trigger, shutdown) = tether::shutdown::channel();
+        let beats = start(Duration::from_millis(160), shutdown);
+        let mut phases: Vec<_> = (0..PHASES).map(|_| beats.next_phase()).collect();
+        for round in 1..=2u64 {
+            let mut fired = Vec::new();
+            for phase in &mut phases {
+                phase.changed().await.unwrap();
+                let tick = *phase.borrow_and_update();
+                assert_eq!(
+                    tick.sequence, round,
+                    "every phase sends the interval's number"
+                );
+                fired.push(tick.at_ms);
+            }
+            assert!(
+                fired.windows(2).all(|w| w[0] <= w[1]),
+                "phases fired out of turn: {fired:?}"
+            );
+        }
+        // A ninth stream shares the first phase: round robin.
+        assert!(beats.next_phase().same_channel(&phases[0]));
+    }
 }

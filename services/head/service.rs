@@ -24,7 +24,7 @@ use tether::pb::{
 };
 use tether::registry::{now_ms, AssignRequest, Registry, RegistryError};
 use tether::shutdown::Shutdown;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -68,8 +68,8 @@ pub struct HeadSvc {
     pub lease: Arc<LeaseState>,
     /// The drain switch, thrown by the `Drain` RPC.
     pub drain: Arc<Drain>,
-    /// The head's beat timer.
-    pub ticks: watch::Receiver<Tick>,
+    /// The head's beat timer; each stream beats on one of its phases.
+    pub ticks: crate::beat::Beats,
     /// Triggered first at shutdown: refuse new workers and streams.
     pub stopping: Shutdown,
     /// Triggered once the head left the registry: end every stream.
@@ -380,7 +380,7 @@ impl StreamTask {
     }
 
     async fn serve(&mut self) -> End {
-        let mut ticks = self.svc.ticks.clone();
+        let mut ticks = self.svc.ticks.next_phase();
         let mut shutdown = self.svc.closing.clone();
         let timeout_ms = millis(self.svc.cfg.timeout) as i64;
         // The first beat goes out at once: a moving worker counts as
