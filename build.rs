@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("tether_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Small per-call buffers: see `src/codec.rs`.
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::SmallBufferCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! `Reassign` call.
 //!
 //! # Layout
+//! - [`codec`]: the protobuf codec with small per-call buffers.
 //! - [`pb`]: the generated protocol (`proto/tether/v1/tether.proto`) and
 //!   the descriptor set that reflection serves.
 //! - [`registry`]: everything in Redis: key layout, head leases,
@@ -26,6 +27,7 @@
 
 pub mod attach;
 pub mod backoff;
+pub mod codec;
 pub mod config;
 pub mod events;
 pub mod localcluster;

@@ -68,10 +68,10 @@ pub fn router(
     }
     Ok(builder
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        // Dead peers behind a silent network are found by the heartbeat
-        // protocol; HTTP/2 pings only clean up idle operator connections.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // No HTTP/2 keepalive: dead workers are found by the heartbeat
+        // protocol, and idle operator connections by TCP keepalive (see
+        // `incoming`). HTTP/2 pings put a timer on every connection's hot
+        // path (see docs/BENCHMARKS.md).
         .layer(AuthLayer::new(security.token.clone()))
         .add_service(health)
         .add_service(v1)
@@ -79,7 +79,8 @@ pub fn router(
 }
 
 /// Accepted connections with Nagle off (a beat must not wait for the next
-/// one) and TCP keepalive on, at most `max_connections` at once.
+/// one) and TCP keepalive on (a peer gone silent is dropped after about
+/// 60 + 3 x 10 s), at most `max_connections` at once.
 /// Server-level `tcp_*` settings are ignored by `serve_with_incoming*`, so
 /// they are set here.
 ///
@@ -94,7 +95,9 @@ pub fn incoming(
     Bounded {
         inner: TcpIncoming::from(listener)
             .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(60))),
+            .with_keepalive(Some(Duration::from_secs(60)))
+            .with_keepalive_interval(Some(Duration::from_secs(10)))
+            .with_keepalive_retries(Some(3)),
         permits: Arc::new(Semaphore::new(max_connections.max(1))),
         pause: None,
         refused: 0,

@@ -2,10 +2,10 @@
 //! are the truth of who is attached; `ListWorkers` reads this table.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use tether::metrics::METRICS;
-use tokio::sync::Notify;
 
 /// Marks "no load reported" in [`Stream::load_bits`].
 const NO_LOAD: u64 = u64::MAX;
@@ -21,13 +21,16 @@ pub struct Stream {
     last_beat_ms: AtomicI64,
     last_sequence: AtomicU64,
     load_bits: AtomicU64,
-    /// Woken when a newer stream of the same worker replaces this one, or
+    /// Set when a newer stream of the same worker replaced this one, or
     /// the worker got a newer epoch on another head.
-    pub replaced: Notify,
+    replaced: AtomicBool,
     /// A move the head asks of the worker, sent on the stream at once.
     redirect: Mutex<Option<tether::pb::Redirect>>,
-    /// Wakes the stream task to send `redirect`.
-    pub redirect_ready: Notify,
+    /// Whether `redirect` holds one, so that the beat path need not lock.
+    redirect_pending: AtomicBool,
+    /// Wakes the stream's response body, which has no task of its own, to
+    /// act on `replaced` or `redirect`.
+    waker: Mutex<Option<Waker>>,
     /// When the head last redirected this worker (Unix ms; 0: never), so
     /// one worker is not asked again and again.
     redirected_ms: AtomicI64,
@@ -42,19 +45,51 @@ impl Stream {
             .store(load.map_or(NO_LOAD, f64::to_bits), Ordering::Relaxed);
     }
 
-    /// Asks the worker to move; the stream task sends it at once.
+    /// Asks the worker to move; the stream sends it at once.
     pub fn redirect(&self, redirect: tether::pb::Redirect, now_ms: i64) {
         *self.redirect.lock().unwrap_or_else(|e| e.into_inner()) = Some(redirect);
         self.redirected_ms.store(now_ms, Ordering::Relaxed);
-        self.redirect_ready.notify_one();
+        self.redirect_pending.store(true, Ordering::Release);
+        self.wake();
     }
 
     /// The pending redirect, if any, taken once.
     pub fn take_redirect(&self) -> Option<tether::pb::Redirect> {
+        if !self.redirect_pending.swap(false, Ordering::Acquire) {
+            return None;
+        }
         self.redirect
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+
+    /// Tells the stream to close: a newer stream or epoch took over.
+    pub fn close(&self) {
+        self.replaced.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    /// Whether [`Stream::close`] was called.
+    pub fn is_replaced(&self) -> bool {
+        self.replaced.load(Ordering::Acquire)
+    }
+
+    /// Remembers the waker of the stream's body, woken by `close` and
+    /// `redirect`.
+    pub fn register(&self, waker: &Waker) {
+        let mut slot = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some(w) if w.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
+        }
+    }
+
+    fn wake(&self) {
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     /// When the worker was last redirected, Unix ms; 0 if never.
@@ -106,14 +141,15 @@ impl Attached {
             last_beat_ms: AtomicI64::new(now_ms),
             last_sequence: AtomicU64::new(0),
             load_bits: AtomicU64::new(NO_LOAD),
-            replaced: Notify::new(),
+            replaced: AtomicBool::new(false),
             redirect: Mutex::new(None),
-            redirect_ready: Notify::new(),
+            redirect_pending: AtomicBool::new(false),
+            waker: Mutex::new(None),
             redirected_ms: AtomicI64::new(0),
         });
         let old = self.lock().insert(worker_id, stream.clone());
         match old {
-            Some(old) => old.replaced.notify_one(),
+            Some(old) => old.close(),
             None => METRICS.workers_attached.add(1),
         }
         stream
@@ -137,7 +173,7 @@ impl Attached {
         let map = self.lock();
         match map.get(worker_id) {
             Some(s) if s.epoch < epoch => {
-                s.replaced.notify_one();
+                s.close();
                 true
             }
             _ => false,
@@ -147,7 +183,7 @@ impl Attached {
     /// Closes the worker's stream whatever its epoch.
     pub fn close(&self, worker_id: &str) {
         if let Some(s) = self.lock().get(worker_id) {
-            s.replaced.notify_one();
+            s.close();
         }
     }
 

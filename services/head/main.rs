@@ -5,6 +5,7 @@
 mod attached;
 mod beat;
 mod drain;
+mod heartbeat;
 mod lease;
 mod rebalance;
 mod run;

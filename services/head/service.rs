@@ -1,14 +1,11 @@
 //! `HeadService`: adopts workers (`Reassign`), holds their heartbeat
 //! streams, and lists them.
 //!
-//! Each stream has one task. It wakes on the head's shared beat timer, on
-//! the worker's beats, on the worker going away, on being replaced by a
-//! newer stream of the same worker, and on shutdown; it never sleeps on a
-//! timer of its own.
+//! Each open stream is a [`HeartbeatBody`], which has no task of its own.
 
-use crate::attached::{Attached, Stream};
-use crate::beat::Tick;
+use crate::attached::Attached;
 use crate::drain::Drain;
+use crate::heartbeat::HeartbeatBody;
 use crate::lease::LeaseState;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,9 +23,8 @@ use tether::registry::{now_ms, AssignRequest, Registry, RegistryError};
 use tether::shutdown::Shutdown;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// The longest `worker_addr` a worker may report.
 const MAX_ADDR_LEN: usize = 256;
@@ -245,18 +241,8 @@ impl HeadService for HeadSvc {
             "stream open",
         );
 
-        // Two slots: the first beat and one tick. A worker that stops
-        // reading fills them; further beats are dropped, never queued.
-        let (tx, rx) = mpsc::channel(2);
-        let task = StreamTask {
-            svc: self.clone(),
-            stream,
-            inbound,
-            tx,
-        };
-        tokio::spawn(task.run());
         Ok(Response::new(
-            Box::pin(ReceiverStream::new(rx).map(|out| out.map(|beat| *beat))) as BeatStream,
+            Box::pin(HeartbeatBody::new(self.clone(), stream, inbound)) as BeatStream,
         ))
     }
 
@@ -319,147 +305,6 @@ impl HeadService for HeadSvc {
             workers,
             deadline_ms,
         }))
-    }
-}
-
-/// How a stream ended, which decides whether its assignment is released.
-#[derive(Debug, PartialEq, Eq)]
-enum End {
-    /// The worker closed the stream or went silent: release the assignment
-    /// (unless a newer one replaced it, which the release script checks).
-    WorkerGone,
-    /// A newer stream of the same worker took over: keep the assignment.
-    Replaced,
-    /// The head is stopping: workers will reassign themselves.
-    HeadStopping,
-}
-
-/// What a stream task queues for its worker. Boxed: a tokio channel
-/// allocates its slots 32 at a time whatever its bound, and 32 unboxed
-/// beats (104 bytes each) cost every stream 3.3 KB for two in flight.
-type Outbound = Result<Box<HeadBeat>, Status>;
-
-/// The task that serves one `Heartbeat` stream.
-struct StreamTask {
-    svc: HeadSvc,
-    stream: Arc<Stream>,
-    inbound: Streaming<WorkerBeat>,
-    tx: mpsc::Sender<Outbound>,
-}
-
-impl StreamTask {
-    async fn run(mut self) {
-        let end = self.serve().await;
-        self.svc.attached.remove(&self.stream);
-        let s = &self.stream;
-        debug!(worker = %s.worker_id, epoch = s.epoch, ?end, "stream closed");
-        if end == End::WorkerGone {
-            // A worker that moved on (handoff) is not "left": only report
-            // it when its assignment here was still current.
-            let svc = &self.svc;
-            // Boxed: the release future is large (pool, script, timeout)
-            // and would otherwise sit inline in every stream task for the
-            // stream's whole life, though it only runs at the very end.
-            // Inline, it made each task 12 KB instead of 1.5 KB.
-            let release = Box::pin(svc.registry.release(&svc.cfg.id, &s.worker_id, s.epoch));
-            match release.await {
-                Ok(true) => svc.events.emit(
-                    EventKind::WorkerLeft,
-                    &svc.cfg.id,
-                    &s.worker_id,
-                    s.epoch,
-                    "",
-                    "stream closed or went silent",
-                ),
-                Ok(false) => {}
-                Err(e) => {
-                    debug!(worker = %s.worker_id, error = %e, "could not release the assignment")
-                }
-            }
-        }
-    }
-
-    async fn serve(&mut self) -> End {
-        let mut ticks = self.svc.ticks.next_phase();
-        let mut shutdown = self.svc.closing.clone();
-        let timeout_ms = millis(self.svc.cfg.timeout) as i64;
-        // The first beat goes out at once: a moving worker counts as
-        // attached from its first HeadBeat, so it must not wait a tick.
-        let first = *ticks.borrow_and_update();
-        if self.tx.try_send(Ok(Box::new(self.beat(first)))).is_err() {
-            return End::WorkerGone;
-        }
-        loop {
-            tokio::select! {
-                _ = shutdown.wait() => {
-                    let _ = self.tx.try_send(Err(Status::unavailable(format!(
-                        "head {} is shutting down; reassign to another head", self.svc.cfg.id
-                    ))));
-                    return End::HeadStopping;
-                }
-                _ = self.stream.replaced.notified() => {
-                    let _ = self.tx.try_send(Err(Status::aborted(
-                        "a newer Heartbeat stream of this worker replaced this one",
-                    )));
-                    return End::Replaced;
-                }
-                _ = self.tx.closed() => return End::WorkerGone,
-                _ = self.stream.redirect_ready.notified() => {
-                    if let Some(redirect) = self.stream.take_redirect() {
-                        let mut beat = self.beat(*ticks.borrow());
-                        beat.redirect = Some(redirect);
-                        // A redirect must not be dropped like a beat: wait
-                        // (briefly) for room if the worker is slow to read.
-                        let sent = tokio::time::timeout(self.svc.cfg.interval, self.tx.send(Ok(Box::new(beat)))).await;
-                        if let Ok(Err(_)) = sent {
-                            return End::WorkerGone;
-                        }
-                    }
-                }
-                changed = ticks.changed() => {
-                    if changed.is_err() {
-                        return End::HeadStopping;
-                    }
-                    let tick = *ticks.borrow_and_update();
-                    if tick.at_ms - self.stream.last_beat_ms() > timeout_ms {
-                        warn!(worker = %self.stream.worker_id, "no WorkerBeat within the heartbeat timeout; closing its stream");
-                        let _ = self.tx.try_send(Err(Status::deadline_exceeded(format!(
-                            "no WorkerBeat within {:?}", self.svc.cfg.timeout
-                        ))));
-                        return End::WorkerGone;
-                    }
-                    if !self.svc.lease.may_beat() {
-                        // The lease lapsed and ownership is being
-                        // rechecked: stay silent until it is.
-                        continue;
-                    }
-                    match self.tx.try_send(Ok(Box::new(self.beat(tick)))) {
-                        Ok(()) => METRICS.beats_sent.inc(),
-                        // The worker is not reading; it will miss this beat
-                        // and, if it stays stuck, time out and move.
-                        Err(mpsc::error::TrySendError::Full(_)) => METRICS.missed_beats.inc(),
-                        Err(mpsc::error::TrySendError::Closed(_)) => return End::WorkerGone,
-                    }
-                }
-                message = self.inbound.message() => match message {
-                    Ok(Some(beat)) => {
-                        METRICS.beats_received.inc();
-                        self.stream.record(beat.sequence, beat.load, now_ms());
-                    }
-                    Ok(None) | Err(_) => return End::WorkerGone,
-                },
-            }
-        }
-    }
-
-    fn beat(&self, tick: Tick) -> HeadBeat {
-        HeadBeat {
-            head_id: self.svc.cfg.id.clone(),
-            sequence: tick.sequence,
-            sent_at_ms: now_ms(),
-            epoch: self.stream.epoch,
-            redirect: None,
-        }
     }
 }
 

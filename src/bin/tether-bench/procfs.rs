@@ -38,6 +38,8 @@ fn clock_ticks() -> f64 {
 #[derive(Debug, Clone, Copy)]
 pub struct CpuSample {
     pub cpu: Duration,
+    /// The part spent in the kernel (system time).
+    pub sys: Duration,
     pub at: Instant,
 }
 
@@ -52,6 +54,7 @@ pub fn cpu(pid: Pid) -> Option<CpuSample> {
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some(CpuSample {
         cpu: Duration::from_secs_f64((utime + stime) / clock_ticks()),
+        sys: Duration::from_secs_f64(stime / clock_ticks()),
         at: Instant::now(),
     })
 }
@@ -63,6 +66,15 @@ pub fn cpu_percent(before: CpuSample, after: CpuSample) -> f64 {
         return 0.0;
     }
     after.cpu.saturating_sub(before.cpu).as_secs_f64() / wall * 100.0
+}
+
+/// Kernel (system) CPU used between two samples, in percent of one core.
+pub fn sys_percent(before: CpuSample, after: CpuSample) -> f64 {
+    let wall = after.at.duration_since(before.at).as_secs_f64();
+    if wall <= 0.0 {
+        return 0.0;
+    }
+    after.sys.saturating_sub(before.sys).as_secs_f64() / wall * 100.0
 }
 
 /// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`), in KiB.

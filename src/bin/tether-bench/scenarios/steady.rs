@@ -72,9 +72,9 @@ pub async fn run(args: &SteadyArgs) -> Result<Report, String> {
     let mut worst_rss_per_worker: f64 = 0.0;
     for (k, id) in ids.iter().enumerate() {
         let pid = Pid::Of(pids[k]);
-        let cpu = match (cpu0[k], cpu1[k]) {
-            (Some(a), Some(b)) => procfs::cpu_percent(a, b),
-            _ => f64::NAN,
+        let (cpu, sys) = match (cpu0[k], cpu1[k]) {
+            (Some(a), Some(b)) => (procfs::cpu_percent(a, b), procfs::sys_percent(a, b)),
+            _ => (f64::NAN, f64::NAN),
         };
         let rss = procfs::status_kib(pid, "VmRSS").unwrap_or(0);
         let hwm = procfs::status_kib(pid, "VmHWM").unwrap_or(0);
@@ -88,6 +88,7 @@ pub async fn run(args: &SteadyArgs) -> Result<Report, String> {
             ("head", Json::from(id.as_str())),
             ("attached", Json::from(attached)),
             ("cpu_percent_of_one_core", Json::from(cpu)),
+            ("sys_cpu_percent_of_one_core", Json::from(sys)),
             ("rss_kib", Json::from(rss)),
             ("rss_kib_without_workers", Json::from(rss_empty[k])),
             ("hwm_kib", Json::from(hwm)),
@@ -105,6 +106,12 @@ pub async fn run(args: &SteadyArgs) -> Result<Report, String> {
             &format!("{p}head CPU (user+sys, % of one core)"),
             cpu,
             format!("{cpu:.2} %"),
+        );
+        report.metric(
+            &format!("{id}_sys_cpu_percent"),
+            &format!("{p}  of which in the kernel (sys)"),
+            sys,
+            format!("{sys:.2} %"),
         );
         report.metric(
             &format!("{id}_rss_kib"),
