@@ -7,8 +7,8 @@
 
 use crate::attached::Attached;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tether::pb::head_service_server::HeadServiceServer;
 use tether::registry::{LeaseInfo, Registry};
 use tether::shutdown::Shutdown;
@@ -33,6 +33,8 @@ pub struct LeaseState {
     /// A reclaim failed: the next refresh must retry it even though the
     /// failed attempt already recreated the lease.
     reclaim_pending: AtomicBool,
+    /// When the last successful refresh was sent.
+    last_ok: Mutex<Option<Instant>>,
 }
 
 impl Default for LeaseState {
@@ -42,6 +44,7 @@ impl Default for LeaseState {
             draining: AtomicBool::new(false),
             suspended: AtomicBool::new(false),
             reclaim_pending: AtomicBool::new(false),
+            last_ok: Mutex::new(None),
         }
     }
 }
@@ -131,13 +134,29 @@ impl LeaseLoop {
             every,
             events,
         } = self;
+        let sent = Instant::now();
         match registry
             .refresh_lease(lease, state.advertised_state())
             .await
         {
             Ok(refresh) => {
                 let was_held = state.held.load(Ordering::Relaxed);
-                if !refresh.existed || state.reclaim_pending.load(Ordering::Relaxed) {
+                // More than a TTL since the last refresh that surely landed:
+                // the lease may have lapsed in between even though this one
+                // found it, because a refresh whose answer was lost (a hung
+                // Redis running its queued commands late) can have
+                // recreated it. Reclaim is idempotent, so check.
+                let gap = {
+                    let mut last = state.last_ok.lock().unwrap_or_else(|e| e.into_inner());
+                    let gap = last.map(|t| t.elapsed());
+                    *last = Some(sent);
+                    gap
+                };
+                let may_have_lapsed = gap.is_some_and(|g| g > lease.ttl);
+                if !refresh.existed
+                    || may_have_lapsed
+                    || state.reclaim_pending.load(Ordering::Relaxed)
+                {
                     // The lease lapsed (paused, cut off, or Redis lost its
                     // data): other heads may have taken some workers.
                     // Re-record the rest before beating again.

@@ -106,6 +106,7 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
             attached: attached.clone(),
             lease: lease_state.clone(),
             interval: args.heartbeat_interval,
+            quiet_every: args.lease_ttl.max(args.heartbeat_interval),
             rate: args.rebalance_rate,
             cooldown: args.rebalance_cooldown,
             events: events.clone(),

@@ -72,11 +72,13 @@ pub enum Pools {
     Sentinel(deadpool_redis::sentinel::Pool),
 }
 
-/// A pooled connection of any topology.
+/// A multiplexed connection of any topology. Cheap to clone: clones share
+/// one socket and pipeline their commands on it.
+#[derive(Clone)]
 pub enum AnyConn {
-    Single(deadpool_redis::Connection),
-    Cluster(deadpool_redis::cluster::Connection),
-    Sentinel(deadpool_redis::sentinel::Connection),
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(deadpool_redis::cluster::ClusterConnection),
+    Sentinel(redis::aio::MultiplexedConnection),
 }
 
 impl Pools {
@@ -115,23 +117,23 @@ impl Pools {
         })
     }
 
-    /// A connection from the pool.
-    pub async fn get(&self) -> Result<AnyConn, String> {
+    /// A new connection, checked by the pool, and taken out of it.
+    pub async fn connect(&self) -> Result<AnyConn, String> {
         match self {
             Self::Single(p) => p
                 .get()
                 .await
-                .map(AnyConn::Single)
+                .map(|c| AnyConn::Single(deadpool_redis::Connection::take(c)))
                 .map_err(|e| e.to_string()),
             Self::Cluster(p) => p
                 .get()
                 .await
-                .map(AnyConn::Cluster)
+                .map(|c| AnyConn::Cluster(deadpool_redis::cluster::Connection::take(c)))
                 .map_err(|e| e.to_string()),
             Self::Sentinel(p) => p
                 .get()
                 .await
-                .map(AnyConn::Sentinel)
+                .map(|c| AnyConn::Sentinel(deadpool_redis::sentinel::Connection::take(c)))
                 .map_err(|e| e.to_string()),
         }
     }
@@ -168,7 +170,17 @@ impl ConnectionLike for AnyConn {
     }
 }
 
-/// A topology's pools plus what it takes to follow it: under Sentinel,
+/// A topology's pools plus what it takes to follow it.
+///
+/// Operations share one multiplexed connection, which pipelines concurrent
+/// commands on one socket. A pool hands out a connection only after a
+/// PING round trip (deadpool-redis checks every connection it recycles):
+/// that doubled the round trips of every registry call and made up a
+/// quarter of a head's Redis commands. The pool now only makes and checks
+/// new connections; a connection that fails is dropped
+/// ([`Backend::invalidate`]) and the next call makes a new one.
+///
+/// Under Sentinel,
 /// the current master is checked at most every 250 ms, and a change
 /// replaces the pool at once. (A demoted master keeps accepting writes for
 /// seconds after a planned failover; pooled connections alone would keep
@@ -177,6 +189,8 @@ pub struct Backend {
     topology: Topology,
     pool_config: PoolConfig,
     pools: RwLock<Pools>,
+    /// The connection every operation shares, once made.
+    shared: Mutex<Option<AnyConn>>,
     /// The master address last seen, and when it was checked.
     master: Mutex<(Option<String>, Option<Instant>)>,
     /// Bumped when the master changes, so subscribers reconnect.
@@ -197,19 +211,38 @@ impl Backend {
             topology,
             pool_config,
             pools: RwLock::new(pools),
+            shared: Mutex::new(None),
             master: Mutex::new((None, None)),
             generation: watch::Sender::new(0),
             next_node: AtomicUsize::new(0),
         })
     }
 
-    /// A pooled connection (to the current master, under Sentinel).
+    /// The shared connection (to the current master, under Sentinel),
+    /// made first if there is none.
     pub async fn get(&self) -> Result<AnyConn, String> {
         if matches!(self.topology, Topology::Sentinel { .. }) {
             self.follow_master().await;
         }
+        if let Some(c) = self
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Ok(c);
+        }
         let pools = self.pools.read().unwrap_or_else(|e| e.into_inner()).clone();
-        pools.get().await
+        let conn = pools.connect().await?;
+        // Concurrent first calls may each make one; the last one stays.
+        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops the shared connection after a failure on it: the next call
+    /// connects afresh.
+    pub fn invalidate(&self) {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// Changes whenever the master moved: holders of long-lived
@@ -242,6 +275,7 @@ impl Backend {
                 Ok(p) => *self.pools.write().unwrap_or_else(|e| e.into_inner()) = p,
                 Err(e) => warn!(error = %e, "cannot rebuild the Redis pool"),
             }
+            self.invalidate();
             self.generation.send_modify(|g| *g += 1);
         }
         self.master.lock().unwrap_or_else(|e| e.into_inner()).0 = Some(addr);

@@ -210,6 +210,9 @@ impl Registry {
             Err(RegistryError::Unavailable(_) | RegistryError::Protocol(_))
         ) {
             m.redis_errors.inc();
+            // The shared connection may be broken (or talking to a demoted
+            // master): the next call makes a new one.
+            self.backend.invalidate();
         }
         result
     }

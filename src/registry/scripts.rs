@@ -15,10 +15,17 @@ use std::sync::LazyLock;
 pub static REFRESH_LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local existed = redis.call('EXISTS', KEYS[1])
-redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3])
+-- HSET counts the fields it created: all four only if the lease had
+-- expired (or never was). Every command here runs once an interval per
+-- head, so none is spent on EXISTS.
+local existed = 1
+if redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3]) == 4 then
+  existed = 0
+  -- The id leaves the heads set only once its lease expired (LIVE_HEADS
+  -- prunes it) or at deregistration, which is when it is created again.
+  redis.call('SADD', KEYS[2], ARGV[1])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 local out = {existed}
 local fenced = redis.call('LRANGE', KEYS[4], 0, -1)
