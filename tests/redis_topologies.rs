@@ -989,10 +989,26 @@ async fn sentinel_failover_keeps_every_assignment(how: Failover) {
         "before the failover, on the master: {problems:?}\n{before}"
     );
 
+    // A head subscribes to events only while someone watches it.
+    let [watcher, _other] = [
+        Watcher::open(heads[0].member.addr).await,
+        Watcher::open(heads[1].member.addr).await,
+    ];
+
     match how {
         Failover::Crash => set.master.proc.kill(),
         Failover::Demote => {
-            let answer = set.sentinel.text(&["SENTINEL", "FAILOVER", MASTER_NAME]);
+            // The sentinel may not have heard from the replica recently
+            // enough yet (NOGOODSLAVE): ask again for a while.
+            let mut answer = String::new();
+            let asked = Instant::now();
+            while asked.elapsed() < Duration::from_secs(10) {
+                answer = set.sentinel.text(&["SENTINEL", "FAILOVER", MASTER_NAME]);
+                if !answer.contains("NOGOODSLAVE") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             assert_eq!(answer, "OK", "SENTINEL FAILOVER");
         }
     }
@@ -1072,7 +1088,7 @@ async fn sentinel_failover_keeps_every_assignment(how: Failover) {
         recovered_after.unwrap_or_default(),
     );
 
-    // Events flow again: both heads subscribe on the new master.
+    // Events flow again: both heads, watched, subscribe on the new master.
     let channel = "{tether}:events";
     let mut subscribers = None;
     let resubscribed = wait_until(
@@ -1092,8 +1108,9 @@ async fn sentinel_failover_keeps_every_assignment(how: Failover) {
     );
 
     // A worker started after the failover finds a head through the
-    // sentinel, attaches, and its attachment is announced.
-    let mut watcher = Watcher::open(heads[0].member.addr).await;
+    // sentinel, attaches, and its attachment is announced (to the watcher
+    // opened before the failover).
+    let mut watcher = watcher;
     workers.push(start_worker(&scratch, &url, "worker-new"));
     let after = settle(
         &mut probe,

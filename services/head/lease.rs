@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tether::pb::head_service_server::HeadServiceServer;
 use tether::registry::{LeaseInfo, Registry};
 use tether::shutdown::Shutdown;
+use tokio::sync::watch;
 use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
 
@@ -35,6 +36,8 @@ pub struct LeaseState {
     reclaim_pending: AtomicBool,
     /// When the last successful refresh was sent.
     last_ok: Mutex<Option<Instant>>,
+    /// The registry's heads version, as the last refresh read it.
+    heads_version: watch::Sender<u64>,
 }
 
 impl Default for LeaseState {
@@ -45,6 +48,7 @@ impl Default for LeaseState {
             suspended: AtomicBool::new(false),
             reclaim_pending: AtomicBool::new(false),
             last_ok: Mutex::new(None),
+            heads_version: watch::Sender::new(0),
         }
     }
 }
@@ -68,6 +72,12 @@ impl LeaseState {
     /// True once the head started draining.
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Changes when a head registered or deregistered, as seen by the
+    /// lease refreshes.
+    pub fn heads_changes(&self) -> watch::Receiver<u64> {
+        self.heads_version.subscribe()
     }
 
     /// The state the lease advertises to workers.
@@ -192,6 +202,9 @@ impl LeaseLoop {
                         }
                     }
                 }
+                state.heads_version.send_if_modified(|v| {
+                    std::mem::replace(v, refresh.heads_version) != refresh.heads_version
+                });
                 for (worker, epoch) in &refresh.fenced {
                     if attached.fence(worker, *epoch) {
                         info!(head = %lease.head_id, %worker, epoch, "worker adopted elsewhere under a newer epoch; closing its stream");

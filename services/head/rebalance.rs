@@ -1,6 +1,6 @@
 //! Scale-up without a storm: when a head joins, every other head learns of
-//! it at once (its `HEAD_JOINED` event) or at the latest within one lease
-//! TTL (the registry read that also catches lost events), and redirects
+//! it at its next lease refresh (which reads the registry's heads version)
+//! or at the latest within one lease TTL, and redirects
 //! exactly the workers that rendezvous placement now puts on the new head,
 //! at a bounded rate, and never a worker that moved within the cool-down.
 //!
@@ -17,7 +17,6 @@ use tether::pb::{Redirect, RedirectReason};
 use tether::placement;
 use tether::registry::{now_ms, Registry};
 use tether::shutdown::Shutdown;
-use tokio::sync::broadcast;
 use tracing::{debug, info};
 
 /// How long after a head joins it counts as new, i.e. a rebalance target.
@@ -56,14 +55,14 @@ impl Rebalance {
         let mut known: Option<HashMap<String, Known>> = None;
         let mut budget = 0.0f64;
         let burst = (self.rate * self.interval.as_secs_f64()).max(1.0) * 2.0;
-        let mut joined = self.events.watch();
+        let mut joined = self.lease.heads_changes();
         let mut wait = self.interval;
         // When the registry was last read.
         let mut previous: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = next_join(&mut joined, &self.head_id) => {}
+                Ok(()) = joined.changed() => {}
                 _ = shutdown.wait() => return,
             }
             wait = self.quiet_every;
@@ -169,22 +168,6 @@ impl Rebalance {
                     budget -= 1.0;
                 }
             }
-        }
-    }
-}
-
-/// Resolves when another head announces it joined. A lagging receiver
-/// resolves too (an event may have been lost: read the registry); a closed
-/// one never does (the periodic read still runs).
-async fn next_join(events: &mut broadcast::Receiver<tether::pb::ClusterEvent>, me: &str) {
-    loop {
-        match events.recv().await {
-            Ok(e) if e.kind == tether::pb::EventKind::HeadJoined as i32 && e.head_id != me => {
-                return
-            }
-            Ok(_) => {}
-            Err(broadcast::error::RecvError::Lagged(_)) => return,
-            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
         }
     }
 }

@@ -263,7 +263,9 @@ impl HeadService for HeadSvc {
         _request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         self.refuse_if_stopping()?;
-        let mut events = self.events.watch();
+        // Subscribed before the response starts, so that a watcher sees
+        // every event that follows it.
+        let mut events = self.events.watch(Duration::from_secs(2)).await;
         let mut closing = self.closing.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {

@@ -82,6 +82,13 @@ impl Keys {
     pub fn epoch(&self) -> String {
         format!("{}:epoch", self.prefix)
     }
+
+    /// A counter bumped whenever a head registers (its lease is created)
+    /// or deregisters, so heads learn of a new head without reading the
+    /// registry every interval.
+    pub fn heads_version(&self) -> String {
+        format!("{}:heads-version", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -97,6 +104,7 @@ mod tests {
             k.workers_of("h:*"),
             k.worker("w{x}"),
             k.epoch(),
+            k.heads_version(),
         ] {
             assert!(key.starts_with("{tether}:"), "{key}");
         }

@@ -91,6 +91,9 @@ pub struct Assignment {
 pub struct LeaseRefresh {
     /// False if the lease had lapsed (or never existed) before this call.
     pub existed: bool,
+    /// The heads version counter: it changes whenever a head registers or
+    /// deregisters.
+    pub heads_version: u64,
     /// Workers that other heads adopted since the last refresh, with their
     /// new epochs: the head must close its streams of older epochs.
     pub fenced: Vec<(String, u64)>,
@@ -217,18 +220,18 @@ impl Registry {
         result
     }
 
-    /// Publishes an encoded membership event to every head.
-    pub async fn publish_event(&self, payload: Vec<u8>) -> Result<()> {
+    /// Publishes encoded membership events to every head, in one round
+    /// trip.
+    pub async fn publish_events(&self, payloads: Vec<Vec<u8>>) -> Result<()> {
         let channel = self.keys.events();
         self.with_conn(|mut c| async move {
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(payload)
-                .query_async::<i64>(&mut c)
-                .await
+            let mut pipe = redis::pipe();
+            for payload in payloads {
+                pipe.cmd("PUBLISH").arg(&channel).arg(payload).ignore();
+            }
+            pipe.query_async::<()>(&mut c).await
         })
         .await
-        .map(|_| ())
     }
 
     /// A dedicated connection subscribed to the membership events.
@@ -269,6 +272,7 @@ impl Registry {
             .key(k.heads())
             .key(k.workers_of(&lease.head_id))
             .key(k.fence(&lease.head_id))
+            .key(k.heads_version())
             .arg(&lease.head_id)
             .arg(&lease.addr)
             .arg(lease.ttl.as_millis() as u64)
@@ -279,6 +283,7 @@ impl Registry {
             .await?;
         let mut items = reply.iter();
         let existed = items.next().map(number).transpose()?.unwrap_or(0) == 1;
+        let heads_version = items.next().map(number).transpose()?.unwrap_or(0);
         let mut fenced = Vec::new();
         for item in items {
             let entry = text(item)?;
@@ -288,7 +293,11 @@ impl Registry {
                 }
             }
         }
-        Ok(LeaseRefresh { existed, fenced })
+        Ok(LeaseRefresh {
+            existed,
+            heads_version,
+            fenced,
+        })
     }
 
     /// Re-records the workers whose streams a head holds after it got its
@@ -330,6 +339,7 @@ impl Registry {
             .key(k.heads())
             .key(k.workers_of(head_id))
             .key(k.fence(head_id))
+            .key(k.heads_version())
             .arg(head_id);
         self.with_conn(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
             .await

@@ -8,26 +8,31 @@ use std::sync::LazyLock;
 /// Creates or refreshes a head's lease, and hands the head the fencing
 /// notices other heads left for it (see [`ASSIGN`]).
 ///
-/// KEYS: head hash, heads set, the head's worker set, the head's fence list.
+/// KEYS: head hash, heads set, the head's worker set, the head's fence
+/// list, the heads version counter.
 /// ARGV: head id, addr, lease ms, started ms, state.
-/// Returns `{existed, fence...}`: existed is 1 if the lease still existed
-/// (a refresh), 0 if it was created; each fence entry is `epoch:worker`.
+/// Returns `{existed, heads version, fence...}`: existed is 1 if the lease
+/// still existed (a refresh), 0 if it was created; each fence entry is
+/// `epoch:worker`.
 pub static REFRESH_LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 -- HSET counts the fields it created: all four only if the lease had
 -- expired (or never was). Every command here runs once an interval per
 -- head, so none is spent on EXISTS.
-local existed = 1
+local existed, version = 1, nil
 if redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3]) == 4 then
   existed = 0
   -- The id leaves the heads set only once its lease expired (LIVE_HEADS
   -- prunes it) or at deregistration, which is when it is created again.
   redis.call('SADD', KEYS[2], ARGV[1])
+  version = redis.call('INCR', KEYS[5])
+else
+  version = tonumber(redis.call('GET', KEYS[5]) or '0')
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
-local out = {existed}
+local out = {existed, version}
 local fenced = redis.call('LRANGE', KEYS[4], 0, -1)
 if #fenced > 0 then
   redis.call('DEL', KEYS[4])
@@ -40,13 +45,15 @@ return out
 
 /// Removes a head at once (clean exit).
 ///
-/// KEYS: head hash, heads set, the head's worker set, its fence list.
+/// KEYS: head hash, heads set, the head's worker set, its fence list, the
+/// heads version counter.
 /// ARGV: head id.
 pub static DEREGISTER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
 redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('INCR', KEYS[5])
 return 1
 "#,
     )
