@@ -11,6 +11,12 @@ mod rebalance;
 mod run;
 mod service;
 
+/// mimalloc instead of glibc's malloc: during a failover, glibc's malloc
+/// and free took a sixth of all CPU, and with it a quiet head at 10,000
+/// workers uses about a sixth less (see docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Duration;
 use tether::config::{parse_duration, parse_id, CommonArgs, Timing};
 

@@ -23,6 +23,12 @@ mod rig;
 mod scenarios;
 mod stats;
 
+/// mimalloc instead of glibc's malloc: during a failover, glibc's malloc
+/// and free took a sixth of all CPU, and with it a quiet head at 10,000
+/// workers uses about a sixth less (see docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 use scenarios::capacity::CapacityArgs;
 use scenarios::moves::{Kind, MoveArgs};
