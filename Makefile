@@ -21,7 +21,7 @@ RUNTIME_BASE ?= debian:bookworm-slim
 export TETHER_PYTHON_VENV ?= target/python-venv
 
 .DEFAULT_GOAL := help
-.PHONY: help redis test-deps build release demo test lint fmt image image-prebuilt container-base test-containers clean
+.PHONY: help redis test-deps build release demo test bench lint fmt image image-prebuilt container-base test-containers clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,6 +44,13 @@ demo: redis ## 3 heads, 12 workers: SIGKILL one head (failover times), SIGTERM a
 
 test: test-deps ## Run the whole test suite (each test starts its own Redis)
 	PATH="$(abspath $(TETHER_PYTHON_VENV))/bin:$$PATH" $(CARGO) test $(CARGO_FLAGS) -- $(TEST_ARGS)
+
+bench: redis ## Every tether-bench scenario at full size (about 10 min); JSON in target/bench/
+	$(CARGO) build $(CARGO_FLAGS) --release --bin tether-head --bin tether-bench
+	@mkdir -p target/bench
+	@for s in failover hang drain scale-up steady capacity; do \
+		target/release/tether-bench $$s --json target/bench/$$s.json || exit 1; \
+	done
 
 lint: ## rustfmt check, clippy with warnings as errors, shellcheck
 	$(CARGO) fmt --all --check

@@ -226,7 +226,7 @@ pub struct CommonArgs {
     pub metrics_listen: Option<std::net::SocketAddr>,
 
     /// Most gRPC connections served at once; more are closed on arrival.
-    /// A worker uses one. [default: the open-file limit minus 128]
+    /// A worker uses one. [default: the open-file limit minus 64]
     #[arg(long, env = "TETHER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 

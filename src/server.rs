@@ -78,6 +78,44 @@ pub fn router(
         .add_service(v1alpha))
 }
 
+/// The sockets a Tether process serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC port.
+    pub grpc: TcpListener,
+    /// Its bound address (the real port when 0 was asked for).
+    pub bound: std::net::SocketAddr,
+    /// The metrics port, when `--metrics-listen` is set.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Binds the gRPC port and, if asked, the metrics port. The error says
+/// which address failed and why.
+pub async fn bind(
+    listen: std::net::SocketAddr,
+    metrics: Option<std::net::SocketAddr>,
+) -> Result<Listeners, String> {
+    let grpc = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let bound = grpc
+        .local_addr()
+        .map_err(|e| format!("cannot read the address bound for {listen}: {e}"))?;
+    let metrics = match metrics {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(Listeners {
+        grpc,
+        bound,
+        metrics,
+    })
+}
+
 /// Accepted connections with Nagle off (a beat must not wait for the next
 /// one) and TCP keepalive on (a peer gone silent is dropped after about
 /// 60 + 3 x 10 s), at most `max_connections` at once.
@@ -105,7 +143,10 @@ pub fn incoming(
 }
 
 /// The connection bound to use when none is configured: the process's
-/// open-file limit, minus room for Redis, logs and the metrics port.
+/// open-file limit, minus room for everything else the process holds: the
+/// listeners, one shared Redis connection (two while it is remade), the
+/// event subscription, the runtime's epoll and wakers, stdio. That is
+/// about 15; [`RESERVED_DESCRIPTORS`] leaves four times as much.
 pub fn default_max_connections() -> usize {
     let soft = std::fs::read_to_string("/proc/self/limits")
         .ok()
@@ -116,8 +157,11 @@ pub fn default_max_connections() -> usize {
         })
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(1024);
-    soft.saturating_sub(128).max(64)
+    soft.saturating_sub(RESERVED_DESCRIPTORS).max(64)
 }
+
+/// Descriptors the default connection bound leaves for the rest.
+pub const RESERVED_DESCRIPTORS: usize = 64;
 
 /// A connection that holds one permit of the bound until it closes.
 #[derive(Debug)]

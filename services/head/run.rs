@@ -17,23 +17,19 @@ use tether::registry::{now_ms, LeaseInfo, Registry};
 use tether::security::ServerSecurity;
 use tether::server::{self, MAX_MESSAGE_BYTES};
 use tether::shutdown;
-use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 /// Runs the head; returns the process exit code.
 pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
-    let listener = match TcpListener::bind(args.listen).await {
+    let server::Listeners {
+        grpc: listener,
+        bound,
+        metrics: metrics_listener,
+    } = match server::bind(args.listen, args.common.metrics_listen).await {
         Ok(l) => l,
         Err(e) => {
-            error!(listen = %args.listen, error = %e, "cannot listen");
-            return 1;
-        }
-    };
-    let bound = match listener.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            error!(error = %e, "cannot read the bound address");
+            error!("{e}");
             return 1;
         }
     };
@@ -55,16 +51,6 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
     };
     let slack_permille = (args.balance_slack * 1000.0).round() as u32;
 
-    let metrics_listener = match args.common.metrics_listen {
-        Some(addr) => match TcpListener::bind(addr).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                error!(listen = %addr, error = %e, "cannot listen for metrics");
-                return 1;
-            }
-        },
-        None => None,
-    };
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_not_serving::<HeadServiceServer<HeadSvc>>().await;
 

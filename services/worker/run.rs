@@ -11,7 +11,6 @@ use tether::registry::Registry;
 use tether::security::{ClientSecurity, ServerSecurity};
 use tether::server::{self, MAX_MESSAGE_BYTES};
 use tether::shutdown;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -21,17 +20,14 @@ pub async fn run(
     server_security: ServerSecurity,
     client_security: ClientSecurity,
 ) -> i32 {
-    let listener = match TcpListener::bind(args.listen).await {
+    let server::Listeners {
+        grpc: listener,
+        bound,
+        metrics: metrics_listener,
+    } = match server::bind(args.listen, args.common.metrics_listen).await {
         Ok(l) => l,
         Err(e) => {
-            error!(listen = %args.listen, error = %e, "cannot listen");
-            return 1;
-        }
-    };
-    let bound = match listener.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            error!(error = %e, "cannot read the bound address");
+            error!("{e}");
             return 1;
         }
     };
@@ -50,16 +46,6 @@ pub async fn run(
         }
     };
 
-    let metrics_listener = match args.common.metrics_listen {
-        Some(addr) => match TcpListener::bind(addr).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                error!(listen = %addr, error = %e, "cannot listen for metrics");
-                return 1;
-            }
-        },
-        None => None,
-    };
     let (health, health_svc) = tonic_health::server::health_reporter();
     let (trigger, stop) = shutdown::channel();
     let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::default());

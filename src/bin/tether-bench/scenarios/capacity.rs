@@ -268,7 +268,7 @@ fn diagnose(bench: &mut Bench, head: &str, pid: Pid, head_limit: u64, bench_limi
     let bound = bench.rig.log_contains(head, "connection limit reached");
     let accept_failed = bench.rig.log_contains(head, "accept failed");
     if bound {
-        format!("the head refused connections past its connection bound (--max-connections; by default its open-file limit {head_limit} less 128); {head_fds} descriptors open")
+        format!("the head refused connections past its connection bound (--max-connections; by default its open-file limit {head_limit} less {}); {head_fds} descriptors open", tether::server::RESERVED_DESCRIPTORS)
     } else if accept_failed || head_fds + 4 >= head_limit {
         format!("the head ran out of descriptors ({head_fds} open, limit {head_limit}; head CPU {head_cpu:.0} % while refusing)")
     } else if bench_fds + 4 >= bench_limit {

@@ -50,8 +50,9 @@ pub struct Common {
     #[arg(long)]
     pub ramp_rate: Option<f64>,
 
-    /// Redis connections the simulated workers share [default: 32; 4 for
-    /// `capacity`, where every descriptor of the bench counts].
+    /// Size of the simulated workers' Redis pool. They share one
+    /// multiplexed connection, which the pool only makes (and remakes after
+    /// a failure) [default: 32; 4 for `capacity`].
     #[arg(long)]
     pub registry_pool: Option<usize>,
 
