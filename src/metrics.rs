@@ -130,8 +130,8 @@ pub struct Metrics {
     pub beats_sent: Counter,
     /// Heartbeats this process received.
     pub beats_received: Counter,
-    /// Heads: beats not sent because the worker was not reading. Workers:
-    /// expected HeadBeats that did not arrive (gaps over 1.5 intervals).
+    /// Workers: expected HeadBeats that did not arrive (gaps over 1.5
+    /// intervals). Heads never drop a beat, so theirs stays 0.
     pub missed_beats: Counter,
     /// Adoptions (heads) or moves (workers), by reason.
     pub reassignments: [Counter; 5],
@@ -222,7 +222,7 @@ pub fn render(role: Role) -> String {
         "Heartbeats received.",
         m.beats_received.get(),
     );
-    counter(&mut out, "tether_missed_beats_total", "Heartbeats missed (heads: not sent to a worker that was not reading; workers: expected head beats that did not arrive).", m.missed_beats.get());
+    counter(&mut out, "tether_missed_beats_total", "Head beats a worker expected and did not get (workers only: a head never drops a beat; a worker that stops reading stalls its own stream).", m.missed_beats.get());
     let name = "tether_reassignments_total";
     let _ = writeln!(out, "# HELP {name} Workers adopted (heads) or moves made (workers), by reason.\n# TYPE {name} counter");
     for (i, reason) in REASONS.iter().enumerate() {
