@@ -38,6 +38,9 @@ pub struct LeaseState {
     last_ok: Mutex<Option<Instant>>,
     /// The registry's heads version, as the last refresh read it.
     heads_version: watch::Sender<u64>,
+    /// The state the lease's fields were last written with; `None` until
+    /// the first refresh succeeds. A quiet refresh only extends the TTL.
+    written: Mutex<Option<&'static str>>,
 }
 
 impl Default for LeaseState {
@@ -49,6 +52,7 @@ impl Default for LeaseState {
             reclaim_pending: AtomicBool::new(false),
             last_ok: Mutex::new(None),
             heads_version: watch::Sender::new(0),
+            written: Mutex::new(None),
         }
     }
 }
@@ -145,11 +149,11 @@ impl LeaseLoop {
             events,
         } = self;
         let sent = Instant::now();
-        match registry
-            .refresh_lease(lease, state.advertised_state())
-            .await
-        {
+        let advertised = state.advertised_state();
+        let write = *state.written.lock().unwrap_or_else(|e| e.into_inner()) != Some(advertised);
+        match registry.refresh_lease(lease, advertised, write).await {
             Ok(refresh) => {
+                *state.written.lock().unwrap_or_else(|e| e.into_inner()) = Some(advertised);
                 let was_held = state.held.load(Ordering::Relaxed);
                 // More than a TTL since the last refresh that surely landed:
                 // the lease may have lapsed in between even though this one

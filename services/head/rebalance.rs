@@ -5,8 +5,9 @@
 //! at a bounded rate, and never a worker that moved within the cool-down.
 //!
 //! The registry is read every lease TTL while nothing changes, and every
-//! interval while a rebalance is under way: reading it every interval
-//! made up a third of a quiet head's Redis commands.
+//! interval while workers are still to be redirected to a new head:
+//! reading it every interval made up a third of a quiet head's Redis
+//! commands.
 
 use crate::attached::Attached;
 use crate::lease::LeaseState;
@@ -46,8 +47,8 @@ pub struct Rebalance {
 impl Rebalance {
     /// Runs until `shutdown`.
     pub async fn run(self, mut shutdown: Shutdown) {
-        // Per head: when it joined (`None` for heads that started before
-        // this one, which already hold their share), when it was last
+        // Per head: when it joined (`None` for heads present at this
+        // head's first read, which already hold their share), when it was last
         // seen, and its process start time. A head that merely vanished
         // for a while (paused, cut off) is remembered for the window, so it
         // does not count as new again; a restarted one (new start time,
@@ -79,18 +80,9 @@ impl Rebalance {
             tether::metrics::METRICS.heads_live.set(heads.len() as i64);
             let now = Instant::now();
             let known = known.get_or_insert_with(|| {
-                // Heads that started after this one joined after it; the
-                // others already hold their share.
-                let mine = heads
-                    .iter()
-                    .find(|h| h.id == self.head_id)
-                    .map_or(i64::MAX, |h| h.started_ms);
                 heads
                     .iter()
-                    .map(|h| {
-                        let joined = (h.started_ms > mine).then_some(now);
-                        (h.id.clone(), (joined, now, h.started_ms))
-                    })
+                    .map(|h| (h.id.clone(), (None, now, h.started_ms)))
                     .collect()
             });
             for h in &heads {
@@ -133,7 +125,6 @@ impl Rebalance {
                 budget = 0.0;
                 continue;
             }
-            wait = self.interval;
             budget = (budget
                 + self.rate
                     * since_last_read
@@ -144,29 +135,41 @@ impl Rebalance {
             let cooldown_ms = self.cooldown.as_millis() as i64;
             let mut streams = self.attached.streams();
             streams.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+            // Workers placement puts on a new head that were not asked to
+            // move yet (cool-down, rate): while there are any, read again
+            // after one interval rather than one lease TTL.
+            let mut pending = false;
             for stream in streams {
+                let order =
+                    placement::rendezvous_order(&stream.worker_id, &ready, |h| h.id.as_str());
+                let Some(top) = order.first() else { continue };
+                if top.id == self.head_id || !is_new(&top.id) {
+                    continue;
+                }
                 if budget < 1.0 {
+                    pending = true;
                     break;
                 }
                 if now_ms - stream.since_ms < cooldown_ms
                     || now_ms - stream.redirected_ms() < cooldown_ms
                 {
+                    pending = true;
                     continue;
                 }
-                let order =
-                    placement::rendezvous_order(&stream.worker_id, &ready, |h| h.id.as_str());
-                let Some(top) = order.first() else { continue };
-                if top.id != self.head_id && is_new(&top.id) {
-                    stream.redirect(
-                        Redirect {
-                            reason: RedirectReason::Rebalance as i32,
-                            suggested_head_id: top.id.clone(),
-                            suggested_head_addr: top.addr.clone(),
-                        },
-                        now_ms,
-                    );
-                    budget -= 1.0;
-                }
+                stream.redirect(
+                    Redirect {
+                        reason: RedirectReason::Rebalance as i32,
+                        suggested_head_id: top.id.clone(),
+                        suggested_head_addr: top.addr.clone(),
+                    },
+                    now_ms,
+                );
+                budget -= 1.0;
+                // Asked now; the next read checks that it went.
+                pending = true;
+            }
+            if pending {
+                wait = self.interval;
             }
         }
     }

@@ -265,7 +265,15 @@ impl Registry {
 
     /// Creates or refreshes a head's lease, marked `state` (`ready` or
     /// `draining`), and collects the fencing notices left for the head.
-    pub async fn refresh_lease(&self, lease: &LeaseInfo, state: &str) -> Result<LeaseRefresh> {
+    ///
+    /// `write` rewrites the lease's fields even if it exists: on the
+    /// process's first refresh, and when `state` changed.
+    pub async fn refresh_lease(
+        &self,
+        lease: &LeaseInfo,
+        state: &str,
+        write: bool,
+    ) -> Result<LeaseRefresh> {
         let k = &self.keys;
         let mut inv = scripts::REFRESH_LEASE.prepare_invoke();
         inv.key(k.head(&lease.head_id))
@@ -277,7 +285,8 @@ impl Registry {
             .arg(&lease.addr)
             .arg(lease.ttl.as_millis() as u64)
             .arg(lease.started_ms)
-            .arg(state);
+            .arg(state)
+            .arg(if write { "1" } else { "0" });
         let reply: Vec<redis::Value> = self
             .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;

@@ -10,27 +10,42 @@ use std::sync::LazyLock;
 ///
 /// KEYS: head hash, heads set, the head's worker set, the head's fence
 /// list, the heads version counter.
-/// ARGV: head id, addr, lease ms, started ms, state.
+/// ARGV: head id, addr, lease ms, started ms, state, write (`1`: write
+/// the lease's fields even though it exists: the process's first refresh,
+/// or a new state).
 /// Returns `{existed, heads version, fence...}`: existed is 1 if the lease
 /// still existed (a refresh), 0 if it was created; each fence entry is
 /// `epoch:worker`.
 pub static REFRESH_LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- HSET counts the fields it created: all four only if the lease had
--- expired (or never was). Every command here runs once an interval per
--- head, so none is spent on EXISTS.
+-- Runs once an interval per head: a quiet refresh is PEXPIRE, PEXPIRE,
+-- GET and LRANGE. PEXPIRE answers 0 when the lease is gone.
 local existed, version = 1, nil
-if redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3]) == 4 then
+local function write()
+  redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3])
+end
+if redis.call('PEXPIRE', KEYS[1], ARGV[3]) == 0 then
   existed = 0
+  write()
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
   -- The id leaves the heads set only once its lease expired (LIVE_HEADS
   -- prunes it) or at deregistration, which is when it is created again.
   redis.call('SADD', KEYS[2], ARGV[1])
   version = redis.call('INCR', KEYS[5])
 else
-  version = tonumber(redis.call('GET', KEYS[5]) or '0')
+  local restarted = false
+  if ARGV[6] == '1' then
+    -- A head restarted under the same id within its old lease is new.
+    restarted = redis.call('HGET', KEYS[1], 'started_ms') ~= ARGV[4]
+    write()
+  end
+  if restarted then
+    version = redis.call('INCR', KEYS[5])
+  else
+    version = tonumber(redis.call('GET', KEYS[5]) or '0')
+  end
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 local out = {existed, version}
 local fenced = redis.call('LRANGE', KEYS[4], 0, -1)
