@@ -234,6 +234,14 @@ pub struct CommonArgs {
     pub security: crate::security::SecurityArgs,
 }
 
+impl CommonArgs {
+    /// `--max-connections`, or its default from the open-file limit.
+    pub fn connection_bound(&self) -> usize {
+        self.max_connections
+            .unwrap_or_else(crate::server::default_max_connections)
+    }
+}
+
 /// A namespace is an id that must not hold braces, which would break the
 /// hash tag.
 pub fn parse_namespace(text: &str) -> Result<String, String> {

@@ -137,12 +137,7 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
         router
             .add_service(head_service)
             .serve_with_incoming_shutdown(
-                server::incoming(
-                    listener,
-                    args.common
-                        .max_connections
-                        .unwrap_or_else(server::default_max_connections),
-                ),
+                server::incoming(listener, args.common.connection_bound()),
                 async {
                     let _ = server_stopped.await;
                 },

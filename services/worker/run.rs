@@ -87,12 +87,7 @@ pub async fn run(
         router
             .add_service(status_service)
             .serve_with_incoming_shutdown(
-                server::incoming(
-                    listener,
-                    args.common
-                        .max_connections
-                        .unwrap_or_else(server::default_max_connections),
-                ),
+                server::incoming(listener, args.common.connection_bound()),
                 async move {
                     server_stop.wait().await;
                 },
