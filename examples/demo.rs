@@ -162,18 +162,9 @@ async fn run(cluster: &mut Cluster, head_args: &[String]) -> Result<bool, Error>
     print_attachments(&heads, &table);
 
     let before = statuses(&mut probe, &workers).await?;
-    // The head with the most workers (the first one on a tie), so that the
-    // kill moves as many workers as possible.
-    let victim = heads
-        .iter()
-        .max_by_key(|h| (table[&h.id].len(), std::cmp::Reverse(h.id.clone())))
-        .expect("there are heads")
-        .clone();
-    let moving: Vec<Member> = workers
-        .iter()
-        .filter(|w| table[&victim.id].contains(&w.id))
-        .cloned()
-        .collect();
+    // The head with the most workers, so that the kill moves as many
+    // workers as possible.
+    let (victim, moving) = busiest(&heads, &workers, &table);
 
     let pid = cluster
         .process(&victim.id)
@@ -306,16 +297,7 @@ async fn drain(
         .and_then(|i| head_args.get(i + 1))
         .and_then(|v| tether::config::parse_duration(v).ok())
         .unwrap_or(Duration::from_secs(1));
-    let victim = heads
-        .iter()
-        .max_by_key(|h| (table[&h.id].len(), std::cmp::Reverse(h.id.clone())))
-        .expect("there are heads")
-        .clone();
-    let moving: Vec<Member> = workers
-        .iter()
-        .filter(|w| table[&victim.id].contains(&w.id))
-        .cloned()
-        .collect();
+    let (victim, moving) = busiest(heads, workers, table);
     // Let every worker see a few beats first, so the gap measure covers
     // ordinary beats as well as the handoff.
     tokio::time::sleep(interval * 2).await;
@@ -492,4 +474,24 @@ fn range_ms(values: impl Iterator<Item = u128>) -> String {
         (Some(lo), Some(hi)) => format!("{lo} to {hi} ms"),
         _ => "-".into(),
     }
+}
+
+/// The head with the most workers (the first one on a tie), and its
+/// workers.
+fn busiest(
+    heads: &[Member],
+    workers: &[Member],
+    table: &BTreeMap<String, Vec<String>>,
+) -> (Member, Vec<Member>) {
+    let victim = heads
+        .iter()
+        .max_by_key(|h| (table[&h.id].len(), std::cmp::Reverse(h.id.clone())))
+        .expect("there are heads")
+        .clone();
+    let moving = workers
+        .iter()
+        .filter(|w| table[&victim.id].contains(&w.id))
+        .cloned()
+        .collect();
+    (victim, moving)
 }
