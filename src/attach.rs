@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How a worker attaches. The heartbeat timing is not here: each head
 /// dictates it in its `Reassign` answer, so one cluster has one policy.
@@ -94,6 +94,65 @@ enum Ended {
     },
 }
 
+/// Why one head did not adopt the worker.
+#[derive(Debug)]
+enum Refusal {
+    /// At its load bound: it may take the worker once every head refused
+    /// (the worker then names all the others unavailable, which waives the
+    /// bound).
+    Bound(String),
+    /// Cannot take the worker now: unreachable, answering under another
+    /// id, at capacity, draining, unregistered. It does not count as live
+    /// in the next heads' load bound.
+    Unusable(String),
+    /// Another process holds this worker id.
+    Held(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Bound(m) | Refusal::Unusable(m) | Refusal::Held(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Why one attempt to attach failed.
+#[derive(Debug)]
+enum AttachError {
+    /// No head adopted the worker; the reasons, head by head.
+    NoHead(String),
+    /// Another process holds this worker id: retry slowly.
+    Held(String),
+}
+
+impl std::fmt::Display for AttachError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttachError::NoHead(m) | AttachError::Held(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The metadata key a head sets on a RESOURCE_EXHAUSTED refusal, saying
+/// which limit refused (`load-bound` or `capacity`).
+pub const REFUSAL_KEY: &str = "tether-refusal";
+
+/// A fresh token naming this worker process (see `ReassignRequest.instance`).
+pub fn new_instance() -> String {
+    let mut bytes = [0u8; 12];
+    if getrandom::fill(&mut bytes).is_err() {
+        // Only unique per process matters; the clock and pid will do.
+        let fallback = (u128::from(std::process::id()) << 64)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+        bytes.copy_from_slice(&fallback.to_le_bytes()[..12]);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Which heads one attempt tries, in order.
 struct Attempt<'a> {
     /// Tried first: a redirect's suggestion, or the head just lost.
@@ -120,6 +179,9 @@ pub async fn run(
     let seed = placement::hash_str(&cfg.worker_id);
     let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_max, seed);
     let mut jitter = Jitter::new(seed);
+    let instance = new_instance();
+    // How many attempts in a row found the id held by another process.
+    let mut held = 0u32;
     // The head just lost: excluded for a while (its lease may outlive it),
     // or retried once first if its stream merely broke.
     let mut lost: Option<(String, Instant, bool)> = None;
@@ -154,12 +216,28 @@ pub async fn run(
             },
         };
         let link = tokio::select! {
-            l = establish(&cfg, &registry, attempt) => l,
+            l = establish(&cfg, &instance, &registry, attempt) => l,
             _ = shutdown.wait() => return,
         };
         let link = match link {
             Ok(l) => l,
-            Err(why) => {
+            Err(AttachError::Held(why)) => {
+                // A configuration error, not a fault: say it once, clearly,
+                // then retry slowly, so that this process takes over if the
+                // other one goes away.
+                held += 1;
+                let delay = cfg.backoff_max;
+                if held == 1 {
+                    error!(worker = %cfg.worker_id, retry_every = ?delay, "another process runs under this worker id; worker ids must be unique: {why}");
+                } else {
+                    debug!(worker = %cfg.worker_id, attempts = held, "worker id still held by another process: {why}");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => continue,
+                    _ = shutdown.wait() => return,
+                }
+            }
+            Err(AttachError::NoHead(why)) => {
                 failures += 1;
                 let delay = backoff.next_delay();
                 // The first failures are normal during a failover; keep
@@ -180,6 +258,7 @@ pub async fn run(
             }
         };
         failures = 0;
+        held = 0;
         backoff.reset();
         let reason = if previous.is_some() {
             ReassignReason::HeadLost
@@ -193,7 +272,7 @@ pub async fn run(
         }
         publish_attached(&status, &link, true);
         info!(worker = %cfg.worker_id, head = %link.head.id, epoch = link.epoch, "attached");
-        let ended = hold(&cfg, &registry, link, &status, &mut shutdown).await;
+        let ended = hold(&cfg, &instance, &registry, link, &status, &mut shutdown).await;
         METRICS.workers_attached.add(-1);
         match ended {
             Ended::Shutdown => return,
@@ -250,16 +329,17 @@ fn publish_attached(status: &watch::Sender<Snapshot>, link: &Link, from_unattach
 /// beats on a new stream.
 async fn establish(
     cfg: &AttachConfig,
+    instance: &str,
     registry: &Registry,
     attempt: Attempt<'_>,
-) -> Result<Link, String> {
+) -> Result<Link, AttachError> {
     let mut order: Vec<HeadEntry> = Vec::new();
     let needs_registry = !attempt.only_prefer || attempt.prefer_if_listed;
     let listed = if needs_registry {
         registry
             .live_heads()
             .await
-            .map_err(|e| format!("cannot read the registry: {e}"))?
+            .map_err(|e| AttachError::NoHead(format!("cannot read the registry: {e}")))?
     } else {
         Vec::new()
     };
@@ -297,59 +377,130 @@ async fn establish(
         }
     }
     if order.is_empty() {
-        return Err("the registry lists no live head".into());
+        return Err(AttachError::NoHead(
+            "the registry lists no live head".into(),
+        ));
     }
     let mut refusals = Vec::new();
-    for head in order {
-        match open(cfg, &head, attempt.previous, attempt.reason).await {
+    // Heads that cannot take the worker (and the one it lost) do not
+    // count as live in the next heads' load bound.
+    let mut unavailable: Vec<String> = Vec::new();
+    if attempt.reason == ReassignReason::HeadLost {
+        unavailable.extend(attempt.previous.map(str::to_owned));
+    }
+    let mut at_bound = Vec::new();
+    for head in &order {
+        match open(
+            cfg,
+            instance,
+            head,
+            attempt.previous,
+            attempt.reason,
+            &unavailable,
+        )
+        .await
+        {
             Ok(link) => return Ok(link),
-            Err(e) => {
-                debug!(worker = %cfg.worker_id, head = %head.id, error = %e, "head refused");
-                refusals.push(format!("{}: {e}", head.id));
+            Err(Refusal::Held(why)) => return Err(AttachError::Held(why)),
+            Err(refusal) => {
+                debug!(worker = %cfg.worker_id, head = %head.id, error = %refusal, "head refused");
+                refusals.push(format!("{}: {refusal}", head.id));
+                match refusal {
+                    Refusal::Bound(_) => at_bound.push(head),
+                    _ => unavailable.push(head.id.clone()),
+                }
             }
         }
+        unavailable.truncate(MAX_UNAVAILABLE);
     }
-    Err(format!(
+    // Every head refused: availability comes before balance. Ask the
+    // heads that refused only for their load bound again, naming all the
+    // others unavailable, which waives the bound; rebalancing evens the
+    // load out later.
+    for head in at_bound {
+        let others: Vec<String> = order
+            .iter()
+            .filter(|h| h.id != head.id)
+            .map(|h| h.id.clone())
+            .take(MAX_UNAVAILABLE)
+            .collect();
+        match open(
+            cfg,
+            instance,
+            head,
+            attempt.previous,
+            attempt.reason,
+            &others,
+        )
+        .await
+        {
+            Ok(link) => {
+                info!(worker = %cfg.worker_id, head = %head.id, "every head was at its load bound; adopted over it");
+                return Ok(link);
+            }
+            Err(Refusal::Held(why)) => return Err(AttachError::Held(why)),
+            Err(refusal) => refusals.push(format!("{} (over its bound): {refusal}", head.id)),
+        }
+    }
+    Err(AttachError::NoHead(format!(
         "every head tried refused ({})",
         refusals.join("; ")
-    ))
+    )))
 }
+
+/// The most heads a `Reassign` may name unavailable.
+const MAX_UNAVAILABLE: usize = 64;
 
 /// Dials one head, calls `Reassign`, opens `Heartbeat` and waits for the
 /// head's first beat.
 async fn open(
     cfg: &AttachConfig,
+    instance: &str,
     head: &HeadEntry,
     previous: Option<&str>,
     reason: ReassignReason,
-) -> Result<Link, String> {
+    unavailable: &[String],
+) -> Result<Link, Refusal> {
     let channel = cfg
         .security
-        .endpoint(&head.addr)?
+        .endpoint(&head.addr)
+        .map_err(Refusal::Unusable)?
         .connect_timeout(cfg.connect_timeout)
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| format!("cannot connect to {}: {e}", head.addr))?;
+        .map_err(|e| Refusal::Unusable(format!("cannot connect to {}: {e}", head.addr)))?;
     let mut client = HeadServiceClient::new(channel);
     let mut request = tonic::Request::new(ReassignRequest {
         worker_id: cfg.worker_id.clone(),
         worker_addr: cfg.worker_addr.clone(),
         previous_head_id: previous.unwrap_or_default().to_owned(),
         reason: reason as i32,
+        instance: instance.to_owned(),
+        unavailable_heads: unavailable.to_vec(),
     });
     request.set_timeout(cfg.connect_timeout * 2);
     cfg.security.authorize(&mut request);
     let answer = client
         .reassign(request)
         .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .map_err(|s| {
+            let why = format!("{:?}: {}", s.code(), s.message());
+            let limit = s.metadata().get(REFUSAL_KEY).and_then(|v| v.to_str().ok());
+            match (s.code(), limit) {
+                (tonic::Code::AlreadyExists, _) => Refusal::Held(why),
+                (tonic::Code::ResourceExhausted, Some("load-bound")) => Refusal::Bound(why),
+                _ => Refusal::Unusable(why),
+            }
+        })?
         .into_inner();
     if answer.head_id != head.id {
-        return Err(format!(
+        // Another head answers at this address (a misconfigured
+        // --advertise): it must not count as a placement target.
+        return Err(Refusal::Unusable(format!(
             "answered as head {:?}, registry says {:?}",
             answer.head_id, head.id
-        ));
+        )));
     }
     let interval = Duration::from_millis(u64::from(answer.heartbeat_interval_ms.max(1)));
     let timeout = Duration::from_millis(u64::from(answer.heartbeat_timeout_ms)).max(interval * 2);
@@ -363,6 +514,7 @@ async fn open(
         epoch,
         sequence: 0,
         load: None,
+        stream_secret: answer.stream_secret,
     });
     let first = async {
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
@@ -383,7 +535,8 @@ async fn open(
     };
     let inbound = tokio::time::timeout(timeout, first)
         .await
-        .map_err(|_| format!("no first HeadBeat within {timeout:?}"))??;
+        .map_err(|_| Refusal::Unusable(format!("no first HeadBeat within {timeout:?}")))?
+        .map_err(Refusal::Unusable)?;
     Ok(Link {
         head: head.clone(),
         epoch,
@@ -400,6 +553,7 @@ type Move<'a> = Pin<Box<dyn Future<Output = Result<Link, String>> + Send + 'a>>;
 /// head's redirects make-before-break.
 async fn hold(
     cfg: &AttachConfig,
+    instance: &str,
     registry: &Registry,
     mut link: Link,
     status: &watch::Sender<Snapshot>,
@@ -460,7 +614,7 @@ async fn hold(
                             _ => ReassignReason::Rebalance,
                         };
                         info!(worker = %cfg.worker_id, head = %link.head.id, to = %redirect.suggested_head_id, reason = redirect.reason().as_str_name(), "head asks us to move");
-                        moving = Some(Box::pin(follow(cfg, registry, redirect, link.head.id.clone())));
+                        moving = Some(Box::pin(follow(cfg, instance, registry, redirect, link.head.id.clone())));
                     }
                 }
                 Ok(None) | Err(_) if moving.is_some() => old_dead = true,
@@ -499,6 +653,7 @@ async fn hold(
 /// any other head in rendezvous order.
 async fn follow(
     cfg: &AttachConfig,
+    instance: &str,
     registry: &Registry,
     redirect: Redirect,
     current: String,
@@ -515,6 +670,7 @@ async fn follow(
     }
     establish(
         cfg,
+        instance,
         registry,
         Attempt {
             prefer,
@@ -530,6 +686,7 @@ async fn follow(
         },
     )
     .await
+    .map_err(|e| e.to_string())
 }
 
 fn beat_timer(interval: Duration) -> tokio::time::Interval {

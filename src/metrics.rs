@@ -143,6 +143,14 @@ pub struct Metrics {
     pub redis_errors: Counter,
     /// Registry call latency.
     pub redis_latency: Histogram,
+    /// Heads: fencing notices that could not be parsed (never expected;
+    /// each one may leave a stream of a moved worker open).
+    pub fence_unparsable: Counter,
+    /// Heads: streams refused because their first beat lacked the
+    /// assignment's secret.
+    pub streams_denied: Counter,
+    /// Heads: adoptions whose worker never opened its stream, released.
+    pub adoptions_expired: Counter,
 }
 
 /// The process-wide metrics.
@@ -157,6 +165,9 @@ pub static METRICS: Metrics = Metrics {
     handoff: Histogram::new(),
     redis_errors: Counter::new(),
     redis_latency: Histogram::new(),
+    fence_unparsable: Counter::new(),
+    streams_denied: Counter::new(),
+    adoptions_expired: Counter::new(),
 };
 
 /// Which process renders: a head and a worker expose different sets.
@@ -230,6 +241,26 @@ pub fn render(role: Role) -> String {
             out,
             "{name}{{reason=\"{reason}\"}} {}",
             m.reassignments[i].get()
+        );
+    }
+    if role == Role::Head {
+        counter(
+            &mut out,
+            "tether_fence_unparsable_total",
+            "Fencing notices that could not be parsed.",
+            m.fence_unparsable.get(),
+        );
+        counter(
+            &mut out,
+            "tether_streams_denied_total",
+            "Heartbeat streams refused for a missing or wrong assignment secret.",
+            m.streams_denied.get(),
+        );
+        counter(
+            &mut out,
+            "tether_adoptions_expired_total",
+            "Adoptions released because the worker never opened its stream.",
+            m.adoptions_expired.get(),
         );
     }
     if role == Role::Worker {

@@ -30,12 +30,20 @@ fn reassign_request(worker_id: &str) -> ReassignRequest {
     }
 }
 
-/// Calls `Reassign` on `head` and returns the epoch, or the status.
-async fn reassign(cluster: &Cluster, head: &str, worker_id: &str) -> Result<u64, tonic::Status> {
+/// Calls `Reassign` on `head` and returns the epoch and stream secret, or
+/// the status.
+async fn reassign(
+    cluster: &Cluster,
+    head: &str,
+    worker_id: &str,
+) -> Result<(u64, String), tonic::Status> {
     let mut client = head_client(cluster.process(head).expect("a head").addr);
     let call = client.reassign(reassign_request(worker_id));
     match tokio::time::timeout(Duration::from_secs(5), call).await {
-        Ok(r) => r.map(|r| r.into_inner().epoch),
+        Ok(r) => r.map(|r| {
+            let r = r.into_inner();
+            (r.epoch, r.stream_secret)
+        }),
         Err(_) => panic!("Reassign on {head} did not answer"),
     }
 }
@@ -61,12 +69,13 @@ async fn heartbeat(
     (result, tx)
 }
 
-fn beat(worker_id: &str, epoch: u64) -> WorkerBeat {
+fn beat(worker_id: &str, epoch: u64, secret: &str) -> WorkerBeat {
     WorkerBeat {
         worker_id: worker_id.to_owned(),
         epoch,
         sequence: 0,
         load: None,
+        stream_secret: secret.to_owned(),
     }
 }
 
@@ -124,11 +133,12 @@ async fn reassign_refuses_bad_worker_ids_and_records_nothing() {
     let result = reassign(&cluster, "head-0", &at_limit).await;
     assert!(result.is_ok(), "Reassign with a 128-byte id: {result:?}");
 
-    let keys = ok(cluster.redis().command(&["KEYS", "{tether}:worker:*"]));
-    let expected = format!("{{tether}}:worker:{at_limit}").into_bytes();
+    let fields = ok(cluster
+        .redis()
+        .command(&["HKEYS", "{tether}:assigned:head-0"]));
     assert_eq!(
-        keys,
-        Reply::Array(Some(vec![Reply::Bulk(Some(expected))])),
+        fields,
+        Reply::Array(Some(vec![Reply::Bulk(Some(at_limit.into_bytes()))])),
         "only the valid Reassign may leave an assignment in Redis"
     );
 }
@@ -141,7 +151,7 @@ async fn heartbeat_refuses_a_bad_worker_id() {
         (&*"w".repeat(129), "129 bytes"),
         ("a\tb", "non-printable"),
     ] {
-        let (result, _tx) = heartbeat(&cluster, "head-0", beat(id, 1)).await;
+        let (result, _tx) = heartbeat(&cluster, "head-0", beat(id, 1, "")).await;
         assert_refused(
             &format!("Heartbeat({id:?})"),
             &result,
@@ -161,40 +171,62 @@ async fn heartbeat_refuses_unknown_worker_stale_epoch_and_wrong_head() {
     let cluster = two_heads().await;
 
     // A worker that never called Reassign.
-    let (result, _tx) = heartbeat(&cluster, "head-0", beat("stranger", 1)).await;
+    let (result, _tx) = heartbeat(&cluster, "head-0", beat("stranger", 1, "")).await;
     assert_refused(
         "Heartbeat of an unknown worker",
+        &result,
+        Code::PermissionDenied,
+        "stream_secret",
+    );
+
+    // A stale epoch: the second Reassign superseded the first, and with it
+    // the first one's secret.
+    let (first, first_secret) = reassign(&cluster, "head-0", "twice")
+        .await
+        .expect("Reassign");
+    let (second, second_secret) = reassign(&cluster, "head-0", "twice")
+        .await
+        .expect("Reassign");
+    assert!(second > first, "epochs must grow: {first} then {second}");
+    let (result, _tx) = heartbeat(&cluster, "head-0", beat("twice", first, &first_secret)).await;
+    assert_refused(
+        "Heartbeat with a stale epoch",
+        &result,
+        Code::PermissionDenied,
+        "stream_secret",
+    );
+
+    // Adopted here, then by another head before the stream opened: the
+    // registry, not the head's memory, decides.
+    let (moved_epoch, moved_secret) = reassign(&cluster, "head-0", "moved")
+        .await
+        .expect("Reassign");
+    reassign(&cluster, "head-1", "moved")
+        .await
+        .expect("Reassign elsewhere");
+    let (result, _tx) = heartbeat(
+        &cluster,
+        "head-0",
+        beat("moved", moved_epoch, &moved_secret),
+    )
+    .await;
+    assert_refused(
+        "Heartbeat after another head adopted the worker",
         &result,
         Code::FailedPrecondition,
         "Reassign",
     );
 
-    // A stale epoch: the second Reassign superseded the first.
-    let first = reassign(&cluster, "head-0", "twice")
+    // The right worker, epoch and secret, at the wrong head.
+    let (epoch, secret) = reassign(&cluster, "head-0", "elsewhere")
         .await
         .expect("Reassign");
-    let second = reassign(&cluster, "head-0", "twice")
-        .await
-        .expect("Reassign");
-    assert!(second > first, "epochs must grow: {first} then {second}");
-    let (result, _tx) = heartbeat(&cluster, "head-0", beat("twice", first)).await;
-    assert_refused(
-        "Heartbeat with a stale epoch",
-        &result,
-        Code::FailedPrecondition,
-        "epoch",
-    );
-
-    // The right worker and epoch, at the wrong head.
-    let epoch = reassign(&cluster, "head-0", "elsewhere")
-        .await
-        .expect("Reassign");
-    let (result, _tx) = heartbeat(&cluster, "head-1", beat("elsewhere", epoch)).await;
+    let (result, _tx) = heartbeat(&cluster, "head-1", beat("elsewhere", epoch, &secret)).await;
     assert_refused(
         "Heartbeat at the wrong head",
         &result,
-        Code::FailedPrecondition,
-        "head-0",
+        Code::PermissionDenied,
+        "stream_secret",
     );
 
     // Refused streams leave nothing behind.
@@ -204,9 +236,9 @@ async fn heartbeat_refuses_unknown_worker_stale_epoch_and_wrong_head() {
         "heads list workers after refused streams: {seen:?}"
     );
 
-    // And the same worker at the right head with its current epoch is
-    // accepted: the refusals above were about the beats, not the setup.
-    let (result, tx) = heartbeat(&cluster, "head-0", beat("twice", second)).await;
+    // And the same worker at the right head with its current epoch and
+    // secret is accepted: the refusals above were about the beats.
+    let (result, tx) = heartbeat(&cluster, "head-0", beat("twice", second, &second_secret)).await;
     let mut stream = result.unwrap_or_else(|s| panic!("Heartbeat with the current epoch: {s:?}"));
     let head_beat = tokio::time::timeout(Duration::from_secs(2), stream.message())
         .await

@@ -8,7 +8,8 @@
 //! What it proves, as invariants:
 //! - I1, after the schedule: once a lease TTL and a heartbeat timeout
 //!   (plus slack) have passed, every worker is attached to exactly one
-//!   live head, and Redis (`{tether}:worker:<id>` head and epoch), every
+//!   live head, and Redis (the one `{tether}:assigned:<head>` that names
+//!   the worker, and its epoch), every
 //!   head's `ListWorkers` and every worker's `Status` agree.
 //! - I2, while it runs: no worker is listed by two heads in two
 //!   consecutive samples (a make-before-break handoff may overlap once).
@@ -23,7 +24,9 @@
 
 mod common;
 
-use common::{binaries, ok, Member, View, HEAD_SERVICE, WORKER_ARGS};
+use common::{
+    assigned_key, assignment_epoch, binaries, ok, Member, View, HEAD_SERVICE, WORKER_ARGS,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -245,22 +248,28 @@ fn panics_in(path: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-/// `(head, epoch)` of the worker's assignment in Redis.
-fn redis_assignment(cluster: &Cluster, worker: &str) -> Result<Option<(String, u64)>, String> {
-    let key = format!("{{tether}}:worker:{worker}");
-    match cluster.redis().command(&["HMGET", &key, "head", "epoch"]) {
-        Ok(Reply::Array(Some(fields))) => match fields.as_slice() {
-            [Reply::Bulk(Some(head)), Reply::Bulk(Some(epoch))] => {
-                let head = String::from_utf8_lossy(head).into_owned();
-                let epoch = String::from_utf8_lossy(epoch)
-                    .parse()
-                    .map_err(|_| format!("epoch of {key} is not a number: {fields:?}"))?;
-                Ok(Some((head, epoch)))
-            }
-            _ => Ok(None),
-        },
-        other => Err(format!("HMGET {key}: {other:?}")),
+/// Every `(head, epoch)` the registry holds for the worker: one entry per
+/// registered head whose assignment hash names it.
+fn redis_assignment(cluster: &Cluster, worker: &str) -> Result<Vec<(String, u64)>, String> {
+    let heads = match cluster.redis().command(&["SMEMBERS", "{tether}:heads"]) {
+        Ok(Reply::Array(Some(ids))) => ids,
+        other => return Err(format!("SMEMBERS {{tether}}:heads: {other:?}")),
+    };
+    let mut out = Vec::new();
+    for id in heads {
+        let Reply::Bulk(Some(id)) = id else { continue };
+        let head = String::from_utf8_lossy(&id).into_owned();
+        let key = assigned_key(&head);
+        match cluster.redis().command(&["HGET", &key, worker]) {
+            Ok(Reply::Bulk(Some(v))) => match assignment_epoch(&v) {
+                Some(epoch) => out.push((head, epoch)),
+                None => return Err(format!("{worker} in {key}: unparsable {v:?}")),
+            },
+            Ok(Reply::Bulk(None)) => {}
+            other => return Err(format!("HGET {key} {worker}: {other:?}")),
+        }
     }
+    Ok(out)
 }
 
 /// The chaos run and its state.
@@ -688,14 +697,7 @@ impl Chaos {
                     continue;
                 };
                 match redis_assignment(cluster, &w.id) {
-                    Ok(Some((head, epoch))) if head == status.head_id && epoch == status.epoch => {
-                        let set = format!("{{tether}}:workers-of:{head}");
-                        if cluster.redis().command(&["SISMEMBER", &set, &w.id]).ok()
-                            != Some(Reply::Integer(1))
-                        {
-                            problems.push(format!("{} is not in {set}", w.id));
-                        }
-                    }
+                    Ok(found) if found == [(status.head_id.clone(), status.epoch)] => {}
                     other => problems.push(format!(
                         "{}: Redis says {other:?}, Status says head {:?} epoch {}",
                         w.id, status.head_id, status.epoch

@@ -263,19 +263,19 @@ async fn heartbeat_streams_that_never_read_are_dropped_after_the_timeout() {
     for i in 0..SILENT {
         let mut client = head_client(addr);
         let id = format!("silent-{i:03}");
-        let epoch = client
+        let adopted = client
             .reassign(ReassignRequest {
                 worker_id: id.clone(),
                 ..ReassignRequest::default()
             })
             .await
             .unwrap_or_else(|s| panic!("Reassign of {id}: {s:?}"))
-            .into_inner()
-            .epoch;
+            .into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tx.send(WorkerBeat {
             worker_id: id.clone(),
-            epoch,
+            epoch: adopted.epoch,
+            stream_secret: adopted.stream_secret,
             ..WorkerBeat::default()
         })
         .await
@@ -322,9 +322,9 @@ async fn heartbeat_streams_that_never_read_are_dropped_after_the_timeout() {
         async || {
             cluster
                 .redis()
-                .command(&["KEYS", "{tether}:worker:silent-*"])
+                .command(&["HLEN", "{tether}:assigned:head-0"])
                 .ok()
-                == Some(Reply::Array(Some(vec![])))
+                == Some(Reply::Integer(0))
         },
     )
     .await;
@@ -337,7 +337,7 @@ async fn heartbeat_streams_that_never_read_are_dropped_after_the_timeout() {
         "assignments of silent workers left in Redis: {:?}",
         cluster
             .redis()
-            .command(&["KEYS", "{tether}:worker:silent-*"])
+            .command(&["HKEYS", "{tether}:assigned:head-0"])
     );
     assert!(
         rss_open < rss_before + 64 * 1024 && rss_after < rss_before + 64 * 1024,
@@ -531,6 +531,7 @@ async fn worker_ids_shaped_like_redis_patterns_touch_only_their_own_keys() {
         &["SET", "{x}", "decoy"],
         &["SET", "{other}:worker:a", "decoy"],
         &["SADD", "{tether}:workers-of:nobody", "decoy"],
+        &["HSET", "{tether}:assigned:nobody", "decoy", "1|x|s|"],
     ] {
         assert!(
             !matches!(ok(redis.command(args)), Reply::Error(_)),
@@ -565,11 +566,8 @@ async fn worker_ids_shaped_like_redis_patterns_touch_only_their_own_keys() {
     for h in &heads {
         expected.insert(format!("{{tether}}:head:{}", h.id));
         if !view.workers_of(&h.id).is_empty() {
-            expected.insert(format!("{{tether}}:workers-of:{}", h.id));
+            expected.insert(format!("{{tether}}:assigned:{}", h.id));
         }
-    }
-    for id in ids {
-        expected.insert(format!("{{tether}}:worker:{id}"));
     }
     let keys = all_keys(&cluster);
     assert_eq!(
@@ -577,8 +575,8 @@ async fn worker_ids_shaped_like_redis_patterns_touch_only_their_own_keys() {
         "Redis keys after the workers attached\n{view}"
     );
     for h in &heads {
-        let set = format!("{{tether}}:workers-of:{}", h.id);
-        let mut members: Vec<String> = match ok(cluster.redis().command(&["SMEMBERS", &set])) {
+        let set = format!("{{tether}}:assigned:{}", h.id);
+        let mut members: Vec<String> = match ok(cluster.redis().command(&["HKEYS", &set])) {
             Reply::Array(Some(m)) => m
                 .into_iter()
                 .filter_map(|r| match r {
@@ -586,7 +584,7 @@ async fn worker_ids_shaped_like_redis_patterns_touch_only_their_own_keys() {
                     _ => None,
                 })
                 .collect(),
-            other => panic!("SMEMBERS {set}: {other:?}"),
+            other => panic!("HKEYS {set}: {other:?}"),
         };
         members.sort();
         let mut want = view.workers_of(&h.id);
@@ -594,32 +592,43 @@ async fn worker_ids_shaped_like_redis_patterns_touch_only_their_own_keys() {
         assert_eq!(members, want, "{set}\n{view}");
     }
 
-    // The worker called `*` crashes: its head releases `{tether}:worker:*`
-    // (that one key, literally), and nothing else.
+    // The worker called `*` crashes: its head releases the field `*` of
+    // its own hash (that one field, literally), and nothing else.
     let star = cluster.process_mut("*").expect("a worker");
     star.kill().unwrap_or_else(|e| panic!("{e}"));
     star.wait_exit(Duration::from_secs(2));
-    let star_key = "{tether}:worker:*".to_owned();
-    let mut now = BTreeSet::new();
+    let star_head = view.status("*").expect("settled").head_id.clone();
+    let star_hash = format!("{{tether}}:assigned:{star_head}");
     let released = wait_until(
         Duration::from_secs(3),
         Duration::from_millis(50),
         async || {
-            now = all_keys(&cluster);
-            !now.contains(&star_key)
+            cluster.redis().command(&["HEXISTS", &star_hash, "*"]).ok() == Some(Reply::Integer(0))
         },
     )
     .await;
+    assert!(released, "field `*` of {star_hash} still there");
     let mut want = expected.clone();
-    want.remove(&star_key);
-    assert!(released, "{star_key} still there: {now:?}");
-    // The head of `*` may have lost its last worker, and with it its set.
-    let star_head = view.status("*").expect("settled").head_id.clone();
+    // The head of `*` may have lost its last worker, and with it its hash.
     if view.workers_of(&star_head).len() == 1 {
-        want.remove(&format!("{{tether}}:workers-of:{star_head}"));
+        want.remove(&star_hash);
     }
-    assert_eq!(now, want, "after worker `*` left, only its own key may go");
-    for (key, kind) in [("{tether}:worker:decoy", "hash"), ("{x}", "string")] {
+    let now = all_keys(&cluster);
+    assert_eq!(
+        now, want,
+        "after worker `*` left, only its own field may go"
+    );
+    let others = view.workers_of(&star_head).len() - 1;
+    assert_eq!(
+        ok(cluster.redis().command(&["HLEN", &star_hash])),
+        Reply::Integer(others as i64),
+        "the other workers of {star_head} stay assigned"
+    );
+    for (key, kind) in [
+        ("{tether}:worker:decoy", "hash"),
+        ("{x}", "string"),
+        ("{tether}:workers-of:nobody", "set"),
+    ] {
         assert_eq!(
             ok(cluster.redis().command(&["TYPE", key])),
             Reply::Simple(kind.into()),
@@ -642,14 +651,26 @@ fn text() -> impl Strategy<Value = String> {
 }
 
 fn reassign_requests() -> impl Strategy<Value = ReassignRequest> {
-    (text(), text(), text(), any::<i32>()).prop_map(
-        |(worker_id, worker_addr, previous_head_id, reason)| ReassignRequest {
-            worker_id,
-            worker_addr,
-            previous_head_id,
-            reason,
-        },
+    (
+        text(),
+        text(),
+        text(),
+        any::<i32>(),
+        text(),
+        proptest::collection::vec(text(), 0..4),
     )
+        .prop_map(
+            |(worker_id, worker_addr, previous_head_id, reason, instance, unavailable_heads)| {
+                ReassignRequest {
+                    worker_id,
+                    worker_addr,
+                    previous_head_id,
+                    reason,
+                    instance,
+                    unavailable_heads,
+                }
+            },
+        )
 }
 
 fn worker_beats() -> impl Strategy<Value = WorkerBeat> {
@@ -658,13 +679,17 @@ fn worker_beats() -> impl Strategy<Value = WorkerBeat> {
         any::<u64>(),
         any::<u64>(),
         proptest::option::of(proptest::num::f64::ANY),
+        text(),
     )
-        .prop_map(|(worker_id, epoch, sequence, load)| WorkerBeat {
-            worker_id,
-            epoch,
-            sequence,
-            load,
-        })
+        .prop_map(
+            |(worker_id, epoch, sequence, load, stream_secret)| WorkerBeat {
+                worker_id,
+                epoch,
+                sequence,
+                load,
+                stream_secret,
+            },
+        )
 }
 
 /// OK, or a status with a message.

@@ -145,22 +145,13 @@ fn registry_gaps(cluster: &Cluster, view: &View) -> Vec<String> {
             continue;
         };
         *per_head.entry(s.head_id.clone()).or_default() += 1;
-        let key = format!("{{tether}}:worker:{w}");
-        let want = Reply::Array(Some(vec![
-            Reply::Bulk(Some(s.head_id.clone().into_bytes())),
-            Reply::Bulk(Some(s.epoch.to_string().into_bytes())),
-        ]));
-        match redis.command(&["HMGET", &key, "head", "epoch"]) {
-            Ok(r) if r == want => {}
+        let hash = assigned_key(&s.head_id);
+        match redis.command(&["HGET", &hash, w]) {
+            Ok(Reply::Bulk(Some(v))) if assignment_epoch(&v) == Some(s.epoch) => {}
             other => gaps.push(format!(
-                "{key}: {other:?}, worker says head {} epoch {}",
-                s.head_id, s.epoch
+                "{w} in {hash}: {other:?}, worker says epoch {}",
+                s.epoch
             )),
-        }
-        let set = format!("{{tether}}:workers-of:{}", s.head_id);
-        match redis.command(&["SISMEMBER", &set, w]) {
-            Ok(Reply::Integer(1)) => {}
-            other => gaps.push(format!("{w} not in {set}: {other:?}")),
         }
     }
     for head in view.listings.keys() {
@@ -169,11 +160,11 @@ fn registry_gaps(cluster: &Cluster, view: &View) -> Vec<String> {
             Ok(Reply::Integer(1)) => {}
             other => gaps.push(format!("{key}: {other:?}")),
         }
-        let set = format!("{{tether}}:workers-of:{head}");
+        let hash = assigned_key(head);
         let want = per_head.get(head).copied().unwrap_or(0);
-        match redis.command(&["SCARD", &set]) {
+        match redis.command(&["HLEN", &hash]) {
             Ok(Reply::Integer(n)) if n == want => {}
-            other => gaps.push(format!("SCARD {set}: {other:?}, {want} workers say {head}")),
+            other => gaps.push(format!("HLEN {hash}: {other:?}, {want} workers say {head}")),
         }
     }
     gaps

@@ -16,7 +16,9 @@
 
 mod common;
 
-use common::{binaries, ok, settle, Member, View, HEAD_SERVICE, WORKER_ARGS};
+use common::{
+    assigned_key, assignment_epoch, binaries, ok, settle, Member, View, HEAD_SERVICE, WORKER_ARGS,
+};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -613,12 +615,14 @@ async fn redis_cluster_keeps_keys_on_one_node_carries_events_and_moves_a_dead_he
         .find(|n| n.port == owner)
         .expect("the owner is one of the nodes");
     for w in &workers {
-        let key = format!("{{tether}}:worker:{}", w.member.id);
         let status = before.status(&w.member.id).expect("settled");
-        let head = on_owner.text(&["HGET", &key, "head"]);
+        let key = assigned_key(&status.head_id);
+        let value = on_owner.text(&["HGET", &key, &w.member.id]);
         assert_eq!(
-            head, status.head_id,
-            "{key} on the owner; the worker says {status:?}"
+            assignment_epoch(value.as_bytes()),
+            Some(status.epoch),
+            "{} in {key} on the owner: {value:?}; the worker says {status:?}",
+            w.member.id
         );
     }
 
@@ -869,22 +873,17 @@ impl SentinelSet {
 /// when the assignment hash names the worker's head and epoch and the
 /// head's worker set holds it.
 fn assignment_problem(node: &RedisNode, worker: &str, status: &WorkerStatus) -> Option<String> {
-    let key = format!("{{tether}}:worker:{worker}");
-    let fields = node.try_cmd(&["HMGET", &key, "head", "epoch"]);
-    let set = format!("{{tether}}:workers-of:{}", status.head_id);
-    let member = node.try_cmd(&["SISMEMBER", &set, worker]);
-    let want = (status.head_id.clone(), status.epoch.to_string());
-    let got = match &fields {
-        Ok(Reply::Array(Some(f))) if f.len() == 2 => (text_of(&f[0]), text_of(&f[1])),
-        other => return Some(format!("{worker}: HMGET {key} answered {other:?}")),
+    let key = assigned_key(&status.head_id);
+    let value = match node.try_cmd(&["HGET", &key, worker]) {
+        Ok(Reply::Bulk(Some(v))) => v,
+        other => return Some(format!("{worker}: HGET {key} answered {other:?}")),
     };
-    if got != want {
+    if assignment_epoch(&value) != Some(status.epoch) {
         return Some(format!(
-            "{worker}: {key} holds {got:?}, the worker says {want:?}"
+            "{worker}: {key} holds {:?}, the worker says epoch {}",
+            String::from_utf8_lossy(&value),
+            status.epoch
         ));
-    }
-    if !matches!(member, Ok(Reply::Integer(1))) {
-        return Some(format!("{worker}: SISMEMBER {set} answered {member:?}"));
     }
     None
 }

@@ -413,6 +413,7 @@ async fn reassign_stranger(addr: SocketAddr) -> tonic::Status {
         worker_addr: String::new(),
         previous_head_id: String::new(),
         reason: ReassignReason::Startup as i32,
+        ..ReassignRequest::default()
     };
     match tokio::time::timeout(Duration::from_secs(2), client.reassign(request)).await {
         Ok(Ok(answer)) => panic!("{addr} adopted a stranger: {:?}", answer.into_inner()),

@@ -526,14 +526,19 @@ async fn the_bearer_token_guards_every_rpc_but_health() {
             h.id
         );
     }
-    let intruder = ok(cluster
-        .redis()
-        .command(&["EXISTS", "{tether}:worker:intruder"]));
-    assert_eq!(
-        intruder,
-        tether::localcluster::Reply::Integer(0),
-        "a refused Reassign left a key"
-    );
+    for h in cluster.heads() {
+        let intruder = ok(cluster.redis().command(&[
+            "HEXISTS",
+            &format!("{{tether}}:assigned:{}", h.id),
+            "intruder",
+        ]));
+        assert_eq!(
+            intruder,
+            tether::localcluster::Reply::Integer(0),
+            "a refused Reassign left an assignment on {}",
+            h.id
+        );
+    }
     wait_listed(&heads, Some(&bearer), &ids, Duration::from_secs(2)).await;
     // With the token, the worker answers too.
     let status = wclient
@@ -803,8 +808,8 @@ async fn a_redis_password_in_the_url_works_and_stays_out_of_the_logs() {
         worker.log_text()
     );
     assert_eq!(
-        redis.command(&["HGET", "{tether}:worker:worker-pw", "head"]),
-        "head-pw"
+        redis.command(&["HEXISTS", "{tether}:assigned:head-pw", "worker-pw"]),
+        ":1"
     );
 
     for (who, log) in [("head", head.log_text()), ("worker", worker.log_text())] {

@@ -1,14 +1,91 @@
-//! The workers whose `Heartbeat` stream is open on this head. The streams
-//! are the truth of who is attached; `ListWorkers` reads this table.
+//! The workers whose `Heartbeat` stream is open on this head, and those
+//! adopted by `Reassign` whose stream is not open yet. The streams are the
+//! truth of who is attached; `ListWorkers` reads this table.
+//!
+//! Every time here is monotonic (tokio's clock, which tests can pause and
+//! advance): a step of the wall clock must neither close every stream nor
+//! hide a dead worker. Wall-clock milliseconds are derived only for the
+//! display fields of `ListWorkers`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::Waker;
+use std::time::Duration;
 use tether::metrics::METRICS;
+use tokio::time::Instant;
 
 /// Marks "no load reported" in [`Stream::load_bits`].
 const NO_LOAD: u64 = u64::MAX;
+
+/// Marks "never redirected" in [`Stream::redirected`].
+const NEVER: u64 = u64::MAX;
+
+/// The origin of the monotonic instants kept in atomics.
+static ORIGIN: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// `at` as nanoseconds since [`ORIGIN`], to fit an atomic.
+fn to_nanos(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(*ORIGIN).as_nanos()).unwrap_or(u64::MAX - 1)
+}
+
+fn from_nanos(nanos: u64) -> Instant {
+    *ORIGIN + Duration::from_nanos(nanos)
+}
+
+/// A secret that `Reassign` hands out and the stream's first beat must
+/// present: 128 random bits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Secret([u8; 16]);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never printed, whatever logs a stream.
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    /// A fresh secret from the operating system's generator.
+    pub fn generate() -> Result<Self, getrandom::Error> {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes)?;
+        Ok(Self(bytes))
+    }
+
+    /// The secret as the proto carries it: 32 lowercase hex digits.
+    pub fn to_hex(self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Whether `text` is this secret, compared in constant time so that
+    /// answers do not leak how much of a guess was right.
+    pub fn matches(&self, text: &str) -> bool {
+        let text = text.as_bytes();
+        if text.len() != 32 {
+            return false;
+        }
+        let mut diff = 0u8;
+        for (i, b) in self.0.iter().enumerate() {
+            let hex = format!("{b:02x}");
+            diff |= hex.as_bytes()[0] ^ text[2 * i];
+            diff |= hex.as_bytes()[1] ^ text[2 * i + 1];
+        }
+        diff == 0
+    }
+}
+
+/// A worker adopted by `Reassign` whose `Heartbeat` stream is not open yet.
+#[derive(Debug, Clone)]
+pub struct Adoption {
+    /// The epoch `Reassign` handed out; 0 while the registry call runs.
+    pub epoch: u64,
+    pub secret: Secret,
+    pub instance: String,
+    /// After this the adoption is dropped and released in Redis: a worker
+    /// that never opens its stream must not count against the head.
+    pub expires: Instant,
+}
 
 /// One open stream. Beats update the atomics, so the hot path never takes
 /// the table's lock.
@@ -17,8 +94,16 @@ pub struct Stream {
     pub worker_id: String,
     pub epoch: u64,
     pub worker_addr: String,
+    /// The worker process's instance, re-recorded after a lapsed lease.
+    pub instance: String,
+    /// The assignment's secret: a reconnect under the same epoch must
+    /// present it again.
+    pub secret: Secret,
+    /// When the stream was accepted: Unix ms for display, and monotonic.
     pub since_ms: i64,
-    last_beat_ms: AtomicI64,
+    pub since: Instant,
+    /// When the last beat arrived (see [`to_nanos`]).
+    last_beat: AtomicU64,
     last_sequence: AtomicU64,
     load_bits: AtomicU64,
     /// Set when a newer stream of the same worker replaced this one, or
@@ -31,24 +116,24 @@ pub struct Stream {
     /// Wakes the stream's response body, which has no task of its own, to
     /// act on `replaced` or `redirect`.
     waker: Mutex<Option<Waker>>,
-    /// When the head last redirected this worker (Unix ms; 0: never), so
-    /// one worker is not asked again and again.
-    redirected_ms: AtomicI64,
+    /// When the head last redirected this worker ([`NEVER`] if it did
+    /// not), so one worker is not asked again and again.
+    redirected: AtomicU64,
 }
 
 impl Stream {
     /// Records a `WorkerBeat`.
-    pub fn record(&self, sequence: u64, load: Option<f64>, now_ms: i64) {
-        self.last_beat_ms.store(now_ms, Ordering::Relaxed);
+    pub fn record(&self, sequence: u64, load: Option<f64>, now: Instant) {
+        self.last_beat.store(to_nanos(now), Ordering::Relaxed);
         self.last_sequence.store(sequence, Ordering::Relaxed);
         self.load_bits
             .store(load.map_or(NO_LOAD, f64::to_bits), Ordering::Relaxed);
     }
 
     /// Asks the worker to move; the stream sends it at once.
-    pub fn redirect(&self, redirect: tether::pb::Redirect, now_ms: i64) {
+    pub fn redirect(&self, redirect: tether::pb::Redirect, now: Instant) {
         *self.redirect.lock().unwrap_or_else(|e| e.into_inner()) = Some(redirect);
-        self.redirected_ms.store(now_ms, Ordering::Relaxed);
+        self.redirected.store(to_nanos(now), Ordering::Relaxed);
         self.redirect_pending.store(true, Ordering::Release);
         self.wake();
     }
@@ -92,24 +177,36 @@ impl Stream {
         }
     }
 
-    /// When the worker was last redirected, Unix ms; 0 if never.
-    pub fn redirected_ms(&self) -> i64 {
-        self.redirected_ms.load(Ordering::Relaxed)
+    /// When the worker was last redirected, if ever.
+    pub fn redirected(&self) -> Option<Instant> {
+        match self.redirected.load(Ordering::Relaxed) {
+            NEVER => None,
+            nanos => Some(from_nanos(nanos)),
+        }
     }
 
-    /// When the last beat arrived, Unix ms.
-    pub fn last_beat_ms(&self) -> i64 {
-        self.last_beat_ms.load(Ordering::Relaxed)
+    /// When the last beat arrived.
+    pub fn last_beat(&self) -> Instant {
+        from_nanos(self.last_beat.load(Ordering::Relaxed))
+    }
+
+    /// Whether the worker has been silent for longer than `timeout` at
+    /// `now` (both monotonic).
+    pub fn silent_at(&self, now: Instant, timeout: Duration) -> bool {
+        now.saturating_duration_since(self.last_beat()) > timeout
     }
 
     /// The `WorkerInfo` that `ListWorkers` reports.
     pub fn info(&self) -> tether::pb::WorkerInfo {
         let bits = self.load_bits.load(Ordering::Relaxed);
+        // Display only: the wall clock now, less the monotonic age.
+        let age = Instant::now().saturating_duration_since(self.last_beat());
         tether::pb::WorkerInfo {
             worker_id: self.worker_id.clone(),
             epoch: self.epoch,
             attached_since_ms: self.since_ms,
-            last_beat_ms: self.last_beat_ms(),
+            last_beat_ms: tether::registry::now_ms()
+                - i64::try_from(age.as_millis()).unwrap_or(i64::MAX),
             worker_addr: self.worker_addr.clone(),
             last_sequence: self.last_sequence.load(Ordering::Relaxed),
             load: (bits != NO_LOAD).then(|| f64::from_bits(bits)),
@@ -117,35 +214,144 @@ impl Stream {
     }
 }
 
-/// The table of open streams, keyed by worker id.
+/// What a stream's first beat presents, checked by [`Attached::admit`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// A fresh adoption: take it.
+    Adopted(Adoption),
+    /// A second stream of an attached worker, under its epoch and secret.
+    Reconnect { instance: String, secret: Secret },
+    /// No adoption or stream here carries this epoch and secret.
+    Denied,
+}
+
+impl PartialEq for Adoption {
+    fn eq(&self, other: &Self) -> bool {
+        self.epoch == other.epoch && self.secret == other.secret
+    }
+}
+
+impl Eq for Adoption {}
+
+/// The table of open streams and pending adoptions, keyed by worker id.
 #[derive(Debug, Default)]
 pub struct Attached {
     streams: Mutex<HashMap<String, Arc<Stream>>>,
+    /// Bounded by the load bound and capacity the registry enforces on
+    /// adoptions, and emptied by [`Attached::expire_adoptions`].
+    adoptions: Mutex<HashMap<String, Adoption>>,
+}
+
+/// One stream's identity, as [`Attached::insert`] takes it.
+#[derive(Debug)]
+pub struct NewStream {
+    pub worker_id: String,
+    pub epoch: u64,
+    pub worker_addr: String,
+    pub instance: String,
+    pub secret: Secret,
 }
 
 impl Attached {
-    /// Adds a stream. A stream of the same worker already here is told to
-    /// close: one worker, one stream.
-    pub fn insert(
-        &self,
-        worker_id: String,
-        epoch: u64,
-        worker_addr: String,
-        now_ms: i64,
-    ) -> Arc<Stream> {
+    /// Records an adoption before its registry call, so that a registry
+    /// count taken meanwhile knows the worker (see `reconcile`).
+    pub fn adopting(&self, worker_id: &str, adoption: Adoption) {
+        self.adoptions_lock().insert(worker_id.to_owned(), adoption);
+    }
+
+    /// Drops an adoption whose registry call failed, unless another call
+    /// replaced it meanwhile.
+    pub fn abandon(&self, worker_id: &str, secret: Secret) {
+        let mut map = self.adoptions_lock();
+        if map.get(worker_id).is_some_and(|a| a.secret == secret) {
+            map.remove(worker_id);
+        }
+    }
+
+    /// Fills in the epoch the registry handed out.
+    pub fn adopted(&self, worker_id: &str, secret: Secret, epoch: u64) {
+        if let Some(a) = self.adoptions_lock().get_mut(worker_id) {
+            if a.secret == secret {
+                a.epoch = epoch;
+            }
+        }
+    }
+
+    /// Checks a stream's first beat against the adoptions and streams,
+    /// changing nothing: a denied stream disturbs nobody.
+    pub fn admit(&self, worker_id: &str, epoch: u64, secret: &str) -> Admission {
+        if let Some(a) = self.adoptions_lock().get(worker_id) {
+            if a.epoch == epoch && a.epoch != 0 && a.secret.matches(secret) {
+                return Admission::Adopted(a.clone());
+            }
+        }
+        if let Some(s) = self.lock().get(worker_id) {
+            if s.epoch == epoch && s.secret.matches(secret) {
+                return Admission::Reconnect {
+                    instance: s.instance.clone(),
+                    secret: s.secret,
+                };
+            }
+        }
+        Admission::Denied
+    }
+
+    /// Removes and returns the adoptions that expired at `now`.
+    pub fn expire_adoptions(&self, now: Instant) -> Vec<(String, u64)> {
+        let mut gone = Vec::new();
+        self.adoptions_lock().retain(|worker, a| {
+            let keep = a.expires > now;
+            if !keep && a.epoch != 0 {
+                gone.push((worker.clone(), a.epoch));
+            }
+            keep
+        });
+        gone
+    }
+
+    /// How many adoptions wait for their stream.
+    pub fn adoptions_len(&self) -> usize {
+        self.adoptions_lock().len()
+    }
+
+    /// Whether the head knows the worker, streaming or adopted.
+    pub fn knows(&self, worker_id: &str) -> bool {
+        self.lock().contains_key(worker_id) || self.adoptions_lock().contains_key(worker_id)
+    }
+
+    /// Adds a stream, and drops its adoption. A stream of the same worker
+    /// already here is told to close: one worker, one stream.
+    pub fn insert(&self, new: NewStream, now_ms: i64) -> Arc<Stream> {
+        let NewStream {
+            worker_id,
+            epoch,
+            worker_addr,
+            instance,
+            secret,
+        } = new;
+        let now = Instant::now();
+        {
+            let mut adoptions = self.adoptions_lock();
+            if adoptions.get(&worker_id).is_some_and(|a| a.epoch == epoch) {
+                adoptions.remove(&worker_id);
+            }
+        }
         let stream = Arc::new(Stream {
             worker_id: worker_id.clone(),
             epoch,
             worker_addr,
+            instance,
+            secret,
             since_ms: now_ms,
-            last_beat_ms: AtomicI64::new(now_ms),
+            since: now,
+            last_beat: AtomicU64::new(to_nanos(now)),
             last_sequence: AtomicU64::new(0),
             load_bits: AtomicU64::new(NO_LOAD),
             replaced: AtomicBool::new(false),
             redirect: Mutex::new(None),
             redirect_pending: AtomicBool::new(false),
             waker: Mutex::new(None),
-            redirected_ms: AtomicI64::new(0),
+            redirected: AtomicU64::new(NEVER),
         });
         let old = self.lock().insert(worker_id, stream.clone());
         match old {
@@ -208,5 +414,9 @@ impl Attached {
         // A panic while holding the lock cannot leave the map half-written
         // (single inserts and removes), so a poisoned lock is still usable.
         self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn adoptions_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Adoption>> {
+        self.adoptions.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -11,21 +11,22 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tether::registry::now_ms;
 use tether::shutdown::Shutdown;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// Phases per interval.
 pub const PHASES: usize = 8;
 
 /// One tick of the beat timer, on one phase.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Tick {
     /// Counts intervals from 1; 0 before the first. Every phase sends the
     /// same value within an interval.
     pub sequence: u64,
-    /// When the tick fired, Unix ms.
-    pub at_ms: i64,
+    /// When the tick fired, on the monotonic clock: silence is measured
+    /// against it, so a step of the wall clock (NTP) moves nobody.
+    pub at: Instant,
 }
 
 /// The beat timer's phases. Cheap to clone.
@@ -50,7 +51,7 @@ pub fn start(interval: Duration, mut shutdown: Shutdown) -> Beats {
         .map(|_| {
             watch::channel(Tick {
                 sequence: 0,
-                at_ms: now_ms(),
+                at: Instant::now(),
             })
         })
         .unzip();
@@ -58,19 +59,19 @@ pub fn start(interval: Duration, mut shutdown: Shutdown) -> Beats {
         let mut timer = tokio::time::interval(interval / PHASES as u32);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;
-        let mut last = tokio::time::Instant::now();
+        let mut last = Instant::now();
         loop {
             tokio::select! {
                 _ = timer.tick() => {
                     let sequence = ticks / PHASES as u64 + 1;
-                    let at_ms = now_ms();
+                    let at = Instant::now();
                     // The timer did not run for a whole interval: the head
                     // was paused (SIGSTOP, a stalled machine). Every stream
                     // checks its worker's silence at once, as with a single
                     // tick, so that a woken head lets go of the workers
                     // that left meanwhile without waiting for its phases.
                     let stalled = last.elapsed() > interval;
-                    last = tokio::time::Instant::now();
+                    last = at;
                     let phases = if stalled {
                         ticks = sequence * PHASES as u64;
                         &senders[..]
@@ -80,7 +81,7 @@ pub fn start(interval: Duration, mut shutdown: Shutdown) -> Beats {
                         &senders[phase..=phase]
                     };
                     for phase in phases {
-                        if phase.send(Tick { sequence, at_ms }).is_err() {
+                        if phase.send(Tick { sequence, at }).is_err() {
                             return;
                         }
                     }
@@ -113,7 +114,7 @@ mod tests {
                     tick.sequence, round,
                     "every phase sends the interval's number"
                 );
-                fired.push(tick.at_ms);
+                fired.push(tick.at);
             }
             assert!(
                 fired.windows(2).all(|w| w[0] <= w[1]),

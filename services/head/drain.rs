@@ -121,7 +121,7 @@ impl Handoff {
         streams.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
         let workers: Vec<&str> = streams.iter().map(|s| s.worker_id.as_str()).collect();
         let picks = placement::assign_bounded(&workers, &ids, &mut loads, bound);
-        let now = now_ms();
+        let now = tokio::time::Instant::now();
         for (stream, pick) in streams.iter().zip(picks) {
             let (id, addr) = pick
                 .map(|i| (targets[i].id.clone(), targets[i].addr.clone()))

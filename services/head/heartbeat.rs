@@ -47,7 +47,9 @@ pub struct HeartbeatBody {
     /// The first beat, sent at once: a moving worker counts as attached
     /// from its first `HeadBeat`, so it must not wait for a tick.
     first: Option<HeadBeat>,
-    timeout_ms: i64,
+    /// Silence after which the worker counts as gone, measured on the
+    /// monotonic clock.
+    timeout: std::time::Duration,
     /// Set once the body decided to end; read when it is dropped.
     end: Option<End>,
 }
@@ -58,7 +60,7 @@ impl HeartbeatBody {
         let mut phase = svc.ticks.next_phase();
         // Seen: the next change is the next tick, not this one.
         let tick = *phase.borrow_and_update();
-        let timeout_ms = i64::try_from(svc.cfg.timeout.as_millis()).unwrap_or(i64::MAX);
+        let timeout = svc.cfg.timeout;
         let mut body = Self {
             svc,
             stream,
@@ -66,7 +68,7 @@ impl HeartbeatBody {
             ticks: WatchStream::from_changes(phase),
             tick,
             first: None,
-            timeout_ms,
+            timeout,
             end: None,
         };
         body.first = Some(body.beat());
@@ -120,7 +122,8 @@ impl tokio_stream::Stream for HeartbeatBody {
             match Pin::new(&mut this.inbound).poll_next(cx) {
                 Poll::Ready(Some(Ok(beat))) => {
                     METRICS.beats_received.inc();
-                    this.stream.record(beat.sequence, beat.load, now_ms());
+                    this.stream
+                        .record(beat.sequence, beat.load, tokio::time::Instant::now());
                 }
                 Poll::Ready(Some(Err(_)) | None) => return this.finish(End::WorkerGone, None),
                 Poll::Pending => break,
@@ -135,7 +138,7 @@ impl tokio_stream::Stream for HeartbeatBody {
             match Pin::new(&mut this.ticks).poll_next(cx) {
                 Poll::Ready(Some(tick)) => {
                     this.tick = tick;
-                    if tick.at_ms - this.stream.last_beat_ms() > this.timeout_ms {
+                    if this.stream.silent_at(tick.at, this.timeout) {
                         warn!(worker = %this.stream.worker_id, "no WorkerBeat within the heartbeat timeout; closing its stream");
                         let status = Status::deadline_exceeded(format!(
                             "no WorkerBeat within {:?}",

@@ -6,11 +6,12 @@
 //! touched here, so a Redis outage never gets every head restarted at once.
 
 use crate::attached::Attached;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tether::metrics::METRICS;
 use tether::pb::head_service_server::HeadServiceServer;
-use tether::registry::{LeaseInfo, Registry};
+use tether::registry::{HeldStream, LeaseInfo, LeaseRefresh, Registry};
 use tether::shutdown::Shutdown;
 use tokio::sync::watch;
 use tonic_health::server::HealthReporter;
@@ -36,6 +37,9 @@ pub struct LeaseState {
     reclaim_pending: AtomicBool,
     /// When the last successful refresh was sent.
     last_ok: Mutex<Option<Instant>>,
+    /// Consecutive refreshes at which the registry counted more workers
+    /// for this head than it knows of: two in a row start a reconciliation.
+    excess: AtomicU32,
     /// The registry's heads version, as the last refresh read it.
     heads_version: watch::Sender<u64>,
     /// The state the lease's fields were last written with; `None` until
@@ -51,6 +55,7 @@ impl Default for LeaseState {
             suspended: AtomicBool::new(false),
             reclaim_pending: AtomicBool::new(false),
             last_ok: Mutex::new(None),
+            excess: AtomicU32::new(0),
             heads_version: watch::Sender::new(0),
             written: Mutex::new(None),
         }
@@ -174,10 +179,15 @@ impl LeaseLoop {
                     // The lease lapsed (paused, cut off, or Redis lost its
                     // data): other heads may have taken some workers.
                     // Re-record the rest before beating again.
-                    let streams: Vec<(String, u64)> = attached
+                    let streams: Vec<HeldStream> = attached
                         .streams()
                         .iter()
-                        .map(|s| (s.worker_id.clone(), s.epoch))
+                        .map(|s| HeldStream {
+                            worker_id: s.worker_id.clone(),
+                            epoch: s.epoch,
+                            instance: s.instance.clone(),
+                            worker_addr: s.worker_addr.clone(),
+                        })
                         .collect();
                     if !streams.is_empty() {
                         state.suspended.store(true, Ordering::Relaxed);
@@ -216,6 +226,7 @@ impl LeaseLoop {
                 }
                 state.suspended.store(false, Ordering::Relaxed);
                 state.held.store(true, Ordering::Relaxed);
+                self.tidy(&refresh).await;
                 if !was_held {
                     info!(head = %lease.head_id, addr = %lease.addr, ttl = ?lease.ttl, "registered in the registry");
                     if !refresh.existed {
@@ -242,5 +253,60 @@ impl LeaseLoop {
             }
         }
         publish_readiness(state, health).await;
+    }
+
+    /// Keeps the registry down to live state: releases adoptions whose
+    /// worker never opened its stream, and, when the registry counts more
+    /// workers for this head than it holds twice in a row (a release that
+    /// failed, a previous process under this id), releases the ones it
+    /// does not know. Costs nothing while the counts agree.
+    async fn tidy(&self, refresh: &LeaseRefresh) {
+        let LeaseLoop {
+            registry,
+            lease,
+            state,
+            attached,
+            ..
+        } = self;
+        for (worker, epoch) in attached.expire_adoptions(tokio::time::Instant::now()) {
+            METRICS.adoptions_expired.inc();
+            match registry.release(&lease.head_id, &worker, epoch).await {
+                Ok(_) => {
+                    info!(head = %lease.head_id, %worker, epoch, "adopted worker never opened its stream; released")
+                }
+                Err(e) => {
+                    // The reconciliation below catches it later.
+                    warn!(head = %lease.head_id, %worker, error = %e, "cannot release an expired adoption")
+                }
+            }
+        }
+        let known = (attached.len() + attached.adoptions_len()) as u64;
+        if refresh.assigned <= known {
+            state.excess.store(0, Ordering::Relaxed);
+            return;
+        }
+        if state.excess.fetch_add(1, Ordering::Relaxed) < 1 {
+            return;
+        }
+        state.excess.store(0, Ordering::Relaxed);
+        let entries = match registry.assignments_of(&lease.head_id).await {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(head = %lease.head_id, error = %e, "cannot read this head's assignments to reconcile them");
+                return;
+            }
+        };
+        let mut released = 0u64;
+        for (worker, epoch) in entries {
+            if attached.knows(&worker) {
+                continue;
+            }
+            if let Ok(true) = registry.release(&lease.head_id, &worker, epoch).await {
+                released += 1;
+            }
+        }
+        if released > 0 {
+            warn!(head = %lease.head_id, released, "released assignments the registry held for this head without a stream");
+        }
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether::pb::{Redirect, RedirectReason};
 use tether::placement;
-use tether::registry::{now_ms, Registry};
+use tether::registry::Registry;
 use tether::shutdown::Shutdown;
 use tracing::{debug, info};
 
@@ -131,8 +131,7 @@ impl Rebalance {
                         .as_secs_f64()
                         .max(self.interval.as_secs_f64()))
             .min(burst);
-            let now_ms = now_ms();
-            let cooldown_ms = self.cooldown.as_millis() as i64;
+            let at = tokio::time::Instant::now();
             let mut streams = self.attached.streams();
             streams.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
             // Workers placement puts on a new head that were not asked to
@@ -150,8 +149,10 @@ impl Rebalance {
                     pending = true;
                     break;
                 }
-                if now_ms - stream.since_ms < cooldown_ms
-                    || now_ms - stream.redirected_ms() < cooldown_ms
+                if at.saturating_duration_since(stream.since) < self.cooldown
+                    || stream
+                        .redirected()
+                        .is_some_and(|r| at.saturating_duration_since(r) < self.cooldown)
                 {
                     pending = true;
                     continue;
@@ -162,7 +163,7 @@ impl Rebalance {
                         suggested_head_id: top.id.clone(),
                         suggested_head_addr: top.addr.clone(),
                     },
-                    now_ms,
+                    at,
                 );
                 budget -= 1.0;
                 // Asked now; the next read checks that it went.

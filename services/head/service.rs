@@ -3,7 +3,7 @@
 //!
 //! Each open stream is a [`HeartbeatBody`], which has no task of its own.
 
-use crate::attached::Attached;
+use crate::attached::{Admission, Adoption, Attached, NewStream, Secret};
 use crate::drain::Drain;
 use crate::heartbeat::HeartbeatBody;
 use crate::lease::LeaseState;
@@ -19,15 +19,21 @@ use tether::pb::{
     ListWorkersResponse, ReassignReason, ReassignRequest, ReassignResponse, WatchEventsRequest,
     WorkerBeat,
 };
-use tether::registry::{now_ms, AssignRequest, Registry, RegistryError};
+use tether::registry::{now_ms, AssignRequest, Claim, Registry, RegistryError};
 use tether::shutdown::Shutdown;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// The longest `worker_addr` a worker may report.
 const MAX_ADDR_LEN: usize = 256;
+
+/// The longest `instance` a worker may give.
+const MAX_INSTANCE_LEN: usize = 64;
+
+/// The most heads a worker may name in `unavailable_heads`.
+const MAX_UNAVAILABLE: usize = 64;
 
 /// The response stream of `Heartbeat`.
 pub type BeatStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<HeadBeat, Status>> + Send>>;
@@ -86,30 +92,64 @@ impl HeadSvc {
     }
 
     /// Checks the first `WorkerBeat` of a stream against the assignment in
-    /// Redis. Returns the worker's address on success.
-    async fn check_assignment(&self, first: &WorkerBeat) -> Result<String, Status> {
-        let current = self
+    /// Redis, and marks it streaming. Returns the worker's address.
+    async fn claim(&self, first: &WorkerBeat) -> Result<String, Status> {
+        let claim = self
             .registry
-            .assignment(&first.worker_id)
+            .claim(&self.cfg.id, &first.worker_id, first.epoch)
             .await
             .map_err(|e| Status::unavailable(format!("cannot check the assignment: {e}")))?;
         let me = &self.cfg.id;
-        match current {
-            None => Err(Status::failed_precondition(format!(
-                "worker {:?} has no assignment; call Reassign first",
+        match claim {
+            Claim::Current { worker_addr } => Ok(worker_addr),
+            Claim::NotHere => Err(Status::failed_precondition(format!(
+                "worker {:?} is not assigned to this head {me:?} (adopted elsewhere since, or never here); call Reassign first",
                 first.worker_id
             ))),
-            Some(a) if a.head_id != *me => Err(Status::failed_precondition(format!(
-                "worker {:?} is assigned to head {:?} (epoch {}), not to this head {me:?}",
-                first.worker_id, a.head_id, a.epoch
+            Claim::OtherEpoch(current) => Err(Status::failed_precondition(format!(
+                "epoch {} of worker {:?} is not its current epoch {current}; call Reassign again",
+                first.epoch, first.worker_id
             ))),
-            Some(a) if a.epoch != first.epoch => Err(Status::failed_precondition(format!(
-                "epoch {} of worker {:?} is not its current epoch {}; call Reassign again",
-                first.epoch, first.worker_id, a.epoch
-            ))),
-            Some(a) => Ok(a.addr),
         }
     }
+}
+
+/// Checks the fields of a `Reassign` that the registry does not.
+fn validate_reassign(req: &ReassignRequest) -> Result<(), Status> {
+    validate_id("worker_id", &req.worker_id).map_err(Status::invalid_argument)?;
+    if req.worker_addr.len() > MAX_ADDR_LEN {
+        return Err(Status::invalid_argument(format!(
+            "worker_addr is {} bytes long; the limit is {MAX_ADDR_LEN}",
+            req.worker_addr.len()
+        )));
+    }
+    if req.previous_head_id.len() > tether::config::MAX_ID_LEN {
+        return Err(Status::invalid_argument(format!(
+            "previous_head_id is {} bytes long; the limit is {}",
+            req.previous_head_id.len(),
+            tether::config::MAX_ID_LEN
+        )));
+    }
+    if req.instance.len() > MAX_INSTANCE_LEN
+        || !req
+            .instance
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(Status::invalid_argument(format!(
+            "instance must be at most {MAX_INSTANCE_LEN} ASCII letters, digits, '-', '_' or '.'"
+        )));
+    }
+    if req.unavailable_heads.len() > MAX_UNAVAILABLE {
+        return Err(Status::invalid_argument(format!(
+            "unavailable_heads names {} heads; the limit is {MAX_UNAVAILABLE}",
+            req.unavailable_heads.len()
+        )));
+    }
+    for head in &req.unavailable_heads {
+        validate_id("an id in unavailable_heads", head).map_err(Status::invalid_argument)?;
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -120,20 +160,7 @@ impl HeadService for HeadSvc {
         request: Request<ReassignRequest>,
     ) -> Result<Response<ReassignResponse>, Status> {
         let req = request.into_inner();
-        validate_id("worker_id", &req.worker_id).map_err(Status::invalid_argument)?;
-        if req.worker_addr.len() > MAX_ADDR_LEN {
-            return Err(Status::invalid_argument(format!(
-                "worker_addr is {} bytes long; the limit is {MAX_ADDR_LEN}",
-                req.worker_addr.len()
-            )));
-        }
-        if req.previous_head_id.len() > tether::config::MAX_ID_LEN {
-            return Err(Status::invalid_argument(format!(
-                "previous_head_id is {} bytes long; the limit is {}",
-                req.previous_head_id.len(),
-                tether::config::MAX_ID_LEN
-            )));
-        }
+        validate_reassign(&req)?;
         self.refuse_if_stopping()?;
         let me = &self.cfg.id;
         if self.drain.begun() || self.lease.draining() {
@@ -147,13 +174,26 @@ impl HeadService for HeadSvc {
             )));
         }
         let reason = ReassignReason::try_from(req.reason).unwrap_or(ReassignReason::Unspecified);
-        // The head a worker reports lost no longer counts as live in the
-        // load bound, even while its lease runs out.
-        let lost_head = match reason {
-            ReassignReason::HeadLost => req.previous_head_id.as_str(),
-            _ => "",
-        };
-        let epoch = self
+        // The head a worker reports lost, and those it could not use, no
+        // longer count as live in the load bound.
+        let mut excluded = req.unavailable_heads.clone();
+        if reason == ReassignReason::HeadLost && !req.previous_head_id.is_empty() {
+            excluded.push(req.previous_head_id.clone());
+        }
+        let secret = Secret::generate()
+            .map_err(|e| Status::internal(format!("cannot draw a random stream secret: {e}")))?;
+        // Known before the registry call, so that a reconciliation running
+        // meanwhile does not take the fresh assignment for a ghost.
+        self.attached.adopting(
+            &req.worker_id,
+            Adoption {
+                epoch: 0,
+                secret,
+                instance: req.instance.clone(),
+                expires: tokio::time::Instant::now() + self.cfg.timeout + self.cfg.interval,
+            },
+        );
+        let assigned = self
             .registry
             .assign(&AssignRequest {
                 head_id: me,
@@ -162,25 +202,46 @@ impl HeadService for HeadSvc {
                 lease_ttl: self.cfg.lease_ttl,
                 slack_permille: self.cfg.slack_permille,
                 capacity: self.cfg.capacity,
-                lost_head,
+                instance: &req.instance,
+                excluded: &excluded,
             })
-            .await
-            .map_err(|e| match e {
-                RegistryError::NoLease => Status::unavailable(format!(
-                    "head {me} is not registered (its lease is missing); choose another head"
-                )),
-                RegistryError::Draining => Status::failed_precondition(format!(
-                    "head {me} is draining; choose another head"
-                )),
-                RegistryError::Full { load, bound } => Status::resource_exhausted(format!(
-                    "head {me} holds {load} workers, at its load bound of {bound} = ceil((1 + {}) * W / H); try your next head",
-                    f64::from(self.cfg.slack_permille) / 1000.0
-                )),
-                RegistryError::AtCapacity { load, capacity } => Status::resource_exhausted(format!(
-                    "head {me} holds {load} workers, at its capacity of {capacity}; try your next head"
-                )),
-                other => Status::unavailable(format!("cannot record the assignment: {other}")),
-            })?;
+            .await;
+        let epoch = match assigned {
+            Ok(epoch) => {
+                self.attached.adopted(&req.worker_id, secret, epoch);
+                epoch
+            }
+            Err(e) => {
+                self.attached.abandon(&req.worker_id, secret);
+                return Err(match e {
+                    RegistryError::NoLease => Status::unavailable(format!(
+                        "head {me} is not registered (its lease is missing); choose another head"
+                    )),
+                    RegistryError::Draining => Status::failed_precondition(format!(
+                        "head {me} is draining; choose another head"
+                    )),
+                    RegistryError::Full { load, bound } => refusal(
+                        "load-bound",
+                        format!(
+                            "head {me} holds {load} workers, at its load bound of {bound} = ceil((1 + {}) * W / H); try your next head",
+                            f64::from(self.cfg.slack_permille) / 1000.0
+                        ),
+                    ),
+                    RegistryError::AtCapacity { load, capacity } => refusal(
+                        "capacity",
+                        format!("head {me} holds {load} workers, at its capacity of {capacity}; try your next head"),
+                    ),
+                    RegistryError::Held { head, head_addr, worker_addr } => {
+                        warn!(worker = %req.worker_id, holder = %head, "refused a second process under a worker id that streams elsewhere");
+                        Status::already_exists(format!(
+                            "worker id {:?} is already attached to head {head} at {head_addr} by another process (worker address {worker_addr:?}); worker ids must be unique",
+                            req.worker_id
+                        ))
+                    }
+                    other => Status::unavailable(format!("cannot record the assignment: {other}")),
+                });
+            }
+        };
         METRICS.reassignments[reason as usize % METRICS.reassignments.len()].inc();
         if !req.previous_head_id.is_empty() && req.previous_head_id != *me {
             self.events.emit(
@@ -203,6 +264,7 @@ impl HeadService for HeadSvc {
             epoch,
             heartbeat_interval_ms: millis(self.cfg.interval),
             heartbeat_timeout_ms: millis(self.cfg.timeout),
+            stream_secret: secret.to_hex(),
         }))
     }
 
@@ -226,11 +288,35 @@ impl HeadService for HeadSvc {
                 Status::invalid_argument("the stream ended before its first WorkerBeat")
             })?;
         validate_id("worker_id", &first.worker_id).map_err(Status::invalid_argument)?;
-        let worker_addr = self.check_assignment(&first).await?;
-        let stream =
-            self.attached
-                .insert(first.worker_id.clone(), first.epoch, worker_addr, now_ms());
-        stream.record(first.sequence, first.load, now_ms());
+        // The secret first, changing nothing: a forged stream disturbs
+        // nobody, not even by a registry write.
+        let (instance, secret) = match self.attached.admit(
+            &first.worker_id,
+            first.epoch,
+            &first.stream_secret,
+        ) {
+            Admission::Adopted(a) => (a.instance, a.secret),
+            Admission::Reconnect { instance, secret } => (instance, secret),
+            Admission::Denied => {
+                METRICS.streams_denied.inc();
+                return Err(Status::permission_denied(format!(
+                        "the first WorkerBeat of worker {:?} does not carry the stream_secret that Reassign returned for epoch {} on this head",
+                        first.worker_id, first.epoch
+                    )));
+            }
+        };
+        let worker_addr = self.claim(&first).await?;
+        let stream = self.attached.insert(
+            NewStream {
+                worker_id: first.worker_id.clone(),
+                epoch: first.epoch,
+                worker_addr,
+                instance,
+                secret,
+            },
+            now_ms(),
+        );
+        stream.record(first.sequence, first.load, tokio::time::Instant::now());
         debug!(worker = %first.worker_id, epoch = first.epoch, "stream open");
         self.events.emit(
             EventKind::WorkerAttached,
@@ -308,6 +394,17 @@ impl HeadService for HeadSvc {
             deadline_ms,
         }))
     }
+}
+
+/// RESOURCE_EXHAUSTED, naming the limit in metadata so that a worker can
+/// tell a load bound (waived when every head refuses) from a hard cap.
+fn refusal(limit: &'static str, message: String) -> Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(
+        tether::attach::REFUSAL_KEY,
+        tonic::metadata::MetadataValue::from_static(limit),
+    );
+    Status::with_metadata(tonic::Code::ResourceExhausted, message, metadata)
 }
 
 fn millis(d: Duration) -> u32 {

@@ -6,10 +6,16 @@
 //! |------------------------------|--------|------------------------------------------------|
 //! | `{ns}:heads`                 | set    | ids of heads that registered (pruned lazily)   |
 //! | `{ns}:head:<head>`           | hash   | `addr`, `state`, `started_ms`; TTL = the lease |
-//! | `{ns}:workers-of:<head>`     | set    | worker ids assigned to that head; TTL = lease  |
-//! | `{ns}:fence:<head>`          | list   | `epoch:worker` of workers taken from the head  |
-//! | `{ns}:worker:<worker>`       | hash   | `head`, `epoch`, `since_ms`, `addr`            |
+//! | `{ns}:assigned:<head>`       | hash   | worker id -> `epoch|instance|state|addr` of the workers assigned to that head; TTL = the lease |
+//! | `{ns}:fence:<head>`          | list   | `epoch:worker` of workers taken from the head; TTL = the lease |
 //! | `{ns}:epoch`                 | string | counter that hands out every epoch             |
+//!
+//! A worker's assignment lives in its head's `assigned` hash, not in a key
+//! of its own: it expires with the head's lease, so a head that dies
+//! together with its workers (a node loss) leaves nothing behind, and no
+//! key grows with the number of worker ids ever seen. Finding a worker's
+//! head means reading each live head's hash (the scripts do it; there are
+//! tens of heads, not thousands).
 //!
 //! Each kind of key has its own second segment, so no id (whatever
 //! `:`, `*` or `{` it holds) can make one kind of key collide with another.
@@ -43,14 +49,14 @@ impl Keys {
         format!("{}{head_id}", self.head_prefix())
     }
 
-    /// Prefix of a head's worker set; the head id follows.
-    pub fn workers_of_prefix(&self) -> String {
-        format!("{}:workers-of:", self.prefix)
+    /// Prefix of a head's assignment hash; the head id follows.
+    pub fn assigned_prefix(&self) -> String {
+        format!("{}:assigned:", self.prefix)
     }
 
-    /// The set of workers assigned to a head.
-    pub fn workers_of(&self, head_id: &str) -> String {
-        format!("{}{head_id}", self.workers_of_prefix())
+    /// The hash of the workers assigned to a head.
+    pub fn assigned(&self, head_id: &str) -> String {
+        format!("{}{head_id}", self.assigned_prefix())
     }
 
     /// Prefix of a head's fence list; the head id follows.
@@ -61,16 +67,6 @@ impl Keys {
     /// The fencing notices left for a head: workers other heads took.
     pub fn fence(&self, head_id: &str) -> String {
         format!("{}{head_id}", self.fence_prefix())
-    }
-
-    /// Prefix of a worker's assignment hash; the worker id follows.
-    pub fn worker_prefix(&self) -> String {
-        format!("{}:worker:", self.prefix)
-    }
-
-    /// A worker's assignment hash.
-    pub fn worker(&self, worker_id: &str) -> String {
-        format!("{}{worker_id}", self.worker_prefix())
     }
 
     /// The pub/sub channel of membership events.
@@ -101,8 +97,8 @@ mod tests {
         for key in [
             k.heads(),
             k.head("h{1}"),
-            k.workers_of("h:*"),
-            k.worker("w{x}"),
+            k.assigned("h:*"),
+            k.fence("h{2}"),
             k.epoch(),
             k.heads_version(),
         ] {
@@ -113,7 +109,8 @@ mod tests {
     #[test]
     fn kinds_cannot_collide() {
         let k = Keys::new("t");
-        assert_ne!(k.head("a:workers"), k.workers_of("a"));
-        assert_ne!(k.worker("x"), k.head("x"));
+        assert_ne!(k.head("a:assigned"), k.assigned("a"));
+        assert_ne!(k.assigned("x"), k.head("x"));
+        assert_ne!(k.fence("x"), k.assigned("x"));
     }
 }

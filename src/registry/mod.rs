@@ -48,6 +48,16 @@ pub enum RegistryError {
         /// The configured hard cap.
         capacity: u64,
     },
+    /// Another process under the same worker id streams to a live head.
+    #[error("worker id is held by another process streaming to head {head} at {head_addr} (that worker reported address {worker_addr:?})")]
+    Held {
+        /// The head the other process streams to.
+        head: String,
+        /// That head's address.
+        head_addr: String,
+        /// The address the other process reported in its `Reassign`.
+        worker_addr: String,
+    },
     /// Redis answered with something this version does not understand.
     #[error("unexpected registry reply: {0}")]
     Protocol(String),
@@ -73,17 +83,33 @@ pub struct HeadEntry {
     pub started_ms: i64,
 }
 
-/// A worker's current assignment.
+/// What opening a stream found in the head's assignments.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Assignment {
-    /// The head the worker is assigned to.
-    pub head_id: String,
-    /// The assignment's epoch.
+pub enum Claim {
+    /// The assignment is this head's at this epoch, now marked streaming;
+    /// holds the address the worker reported.
+    Current {
+        /// Where the worker serves `WorkerService`.
+        worker_addr: String,
+    },
+    /// This head holds the worker under another epoch.
+    OtherEpoch(u64),
+    /// This head holds no assignment for the worker (never adopted here,
+    /// or adopted elsewhere since).
+    NotHere,
+}
+
+/// One stream a head re-records after its lease lapsed.
+#[derive(Debug, Clone)]
+pub struct HeldStream {
+    /// The worker.
+    pub worker_id: String,
+    /// The epoch the stream was opened with.
     pub epoch: u64,
-    /// When it was made, Unix milliseconds.
-    pub since_ms: i64,
-    /// The address the worker reported in `Reassign`.
-    pub addr: String,
+    /// The worker process's instance, as it gave it to `Reassign`.
+    pub instance: String,
+    /// The address the worker reported.
+    pub worker_addr: String,
 }
 
 /// What a lease refresh tells the head.
@@ -94,6 +120,9 @@ pub struct LeaseRefresh {
     /// The heads version counter: it changes whenever a head registers or
     /// deregisters.
     pub heads_version: u64,
+    /// How many workers the registry counts for this head (adopted or
+    /// streaming), to compare with what the head itself holds.
+    pub assigned: u64,
     /// Workers that other heads adopted since the last refresh, with their
     /// new epochs: the head must close its streams of older epochs.
     pub fenced: Vec<(String, u64)>,
@@ -114,8 +143,12 @@ pub struct AssignRequest<'a> {
     pub slack_permille: u32,
     /// Hard cap on the head's workers; 0 for none.
     pub capacity: u64,
-    /// The head the worker reports lost, which no longer counts as live.
-    pub lost_head: &'a str,
+    /// The worker process's instance token, so that a second process
+    /// under the same id is refused; empty for clients that send none.
+    pub instance: &'a str,
+    /// Heads that do not count as live in the load bound: the one the
+    /// worker lost, and those it found unreachable or full.
+    pub excluded: &'a [String],
 }
 
 /// What a head writes into its lease.
@@ -150,7 +183,8 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-/// The current time in Unix milliseconds.
+/// The current time in Unix milliseconds: for display fields and as the
+/// seed of a lost epoch counter, never for a timeout.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -278,7 +312,7 @@ impl Registry {
         let mut inv = scripts::REFRESH_LEASE.prepare_invoke();
         inv.key(k.head(&lease.head_id))
             .key(k.heads())
-            .key(k.workers_of(&lease.head_id))
+            .key(k.assigned(&lease.head_id))
             .key(k.fence(&lease.head_id))
             .key(k.heads_version())
             .arg(&lease.head_id)
@@ -293,28 +327,34 @@ impl Registry {
         let mut items = reply.iter();
         let existed = items.next().map(number).transpose()?.unwrap_or(0) == 1;
         let heads_version = items.next().map(number).transpose()?.unwrap_or(0);
+        let assigned = items.next().map(number).transpose()?.unwrap_or(0);
         let mut fenced = Vec::new();
         for item in items {
             let entry = text(item)?;
-            if let Some((epoch, worker)) = entry.split_once(':') {
-                if let Ok(epoch) = epoch.parse() {
-                    fenced.push((worker.to_owned(), epoch));
+            match parse_fence(&entry) {
+                Some(notice) => fenced.push(notice),
+                None => {
+                    // Dropping it would leave a stream of a worker that
+                    // another head adopted open here: say so loudly.
+                    crate::metrics::METRICS.fence_unparsable.inc();
+                    tracing::warn!(head = %lease.head_id, entry = %entry, "cannot parse a fencing notice (expected epoch:worker); ignoring it");
                 }
             }
         }
         Ok(LeaseRefresh {
             existed,
             heads_version,
+            assigned,
             fenced,
         })
     }
 
     /// Re-records the workers whose streams a head holds after it got its
-    /// lease back; returns those another head or a newer epoch took.
+    /// lease back; returns those another head took under a newer epoch.
     pub async fn reclaim(
         &self,
         head_id: &str,
-        streams: &[(String, u64)],
+        streams: &[HeldStream],
         lease_ttl: Duration,
     ) -> Result<Vec<String>> {
         let mut stale = Vec::new();
@@ -323,14 +363,18 @@ impl Registry {
         for chunk in streams.chunks(500) {
             let k = &self.keys;
             let mut inv = scripts::RECLAIM.prepare_invoke();
-            inv.key(k.workers_of(head_id))
+            inv.key(k.assigned(head_id))
                 .key(k.epoch())
+                .key(k.heads())
                 .arg(head_id)
-                .arg(k.worker_prefix())
+                .arg(k.assigned_prefix())
                 .arg(lease_ttl.as_millis() as u64)
-                .arg(now_ms());
-            for (worker, epoch) in chunk {
-                inv.arg(worker).arg(*epoch);
+                .arg(epoch_seed());
+            for s in chunk {
+                inv.arg(&s.worker_id)
+                    .arg(s.epoch.to_string())
+                    .arg(&s.instance)
+                    .arg(&s.worker_addr);
             }
             let part: Vec<String> = self
                 .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
@@ -340,13 +384,13 @@ impl Registry {
         Ok(stale)
     }
 
-    /// Removes a head's lease and worker set at once.
+    /// Removes a head's lease and assignments at once.
     pub async fn deregister(&self, head_id: &str) -> Result<()> {
         let k = &self.keys;
         let mut inv = scripts::DEREGISTER.prepare_invoke();
         inv.key(k.head(head_id))
             .key(k.heads())
-            .key(k.workers_of(head_id))
+            .key(k.assigned(head_id))
             .key(k.fence(head_id))
             .key(k.heads_version())
             .arg(head_id);
@@ -361,7 +405,7 @@ impl Registry {
         let mut inv = scripts::LIVE_HEADS.prepare_invoke();
         inv.key(k.heads())
             .arg(k.head_prefix())
-            .arg(k.workers_of_prefix());
+            .arg(k.assigned_prefix());
         let flat: Vec<redis::Value> = self
             .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
@@ -385,66 +429,113 @@ impl Registry {
         let k = &self.keys;
         let mut inv = scripts::ASSIGN.prepare_invoke();
         inv.key(k.head(req.head_id))
-            .key(k.worker(req.worker_id))
+            .key(k.assigned(req.head_id))
             .key(k.epoch())
-            .key(k.workers_of(req.head_id))
             .key(k.heads())
             .arg(req.head_id)
             .arg(req.worker_id)
-            .arg(now_ms())
-            .arg(req.worker_addr)
-            .arg(k.workers_of_prefix())
+            .arg(epoch_seed())
             .arg(req.lease_ttl.as_millis() as u64)
             .arg(k.head_prefix())
+            .arg(k.assigned_prefix())
+            .arg(k.fence_prefix())
             .arg(req.slack_permille)
             .arg(req.capacity)
-            .arg(req.lost_head)
-            .arg(k.fence_prefix());
-        self.with_conn(|mut c| async move { inv.invoke_async::<u64>(&mut c).await })
-            .await
+            .arg(req.instance)
+            .arg(req.worker_addr);
+        for head in req.excluded {
+            inv.arg(head);
+        }
+        let epoch: String = self
+            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        parse_epoch(&epoch)
     }
 
-    /// The worker's current assignment, if it has one.
-    pub async fn assignment(&self, worker_id: &str) -> Result<Option<Assignment>> {
-        let key = self.keys.worker(worker_id);
-        type Fields = (Option<String>, Option<u64>, Option<i64>, Option<String>);
-        let (head, epoch, since, addr): Fields = self
-            .with_conn(|mut c| async move {
-                redis::cmd("HMGET")
-                    .arg(key)
-                    .arg("head")
-                    .arg("epoch")
-                    .arg("since_ms")
-                    .arg("addr")
-                    .query_async(&mut c)
-                    .await
-            })
+    /// Marks the worker's assignment streaming if it is still `head_id`'s
+    /// at `epoch`.
+    pub async fn claim(&self, head_id: &str, worker_id: &str, epoch: u64) -> Result<Claim> {
+        let mut inv = scripts::CLAIM.prepare_invoke();
+        inv.key(self.keys.assigned(head_id))
+            .arg(worker_id)
+            .arg(epoch.to_string());
+        let (ok, detail): (i64, String) = self
+            .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
-        Ok(match (head, epoch) {
-            (Some(head_id), Some(epoch)) => Some(Assignment {
-                head_id,
-                epoch,
-                since_ms: since.unwrap_or(0),
-                addr: addr.unwrap_or_default(),
-            }),
-            _ => None,
+        Ok(match (ok, detail.as_str()) {
+            (1, _) => Claim::Current {
+                worker_addr: detail,
+            },
+            (_, "") => Claim::NotHere,
+            (_, other) => Claim::OtherEpoch(parse_epoch(other)?),
         })
     }
 
     /// Drops the worker's assignment if it is still `head_id`'s at
     /// `epoch`. Returns whether it did.
     pub async fn release(&self, head_id: &str, worker_id: &str, epoch: u64) -> Result<bool> {
-        let k = &self.keys;
         let mut inv = scripts::RELEASE.prepare_invoke();
-        inv.key(k.worker(worker_id))
-            .key(k.workers_of(head_id))
-            .arg(head_id)
-            .arg(epoch)
-            .arg(worker_id);
+        inv.key(self.keys.assigned(head_id))
+            .arg(worker_id)
+            .arg(epoch.to_string());
         self.with_conn(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
             .await
             .map(|n| n == 1)
     }
+
+    /// Every assignment the registry holds for `head_id`, as (worker,
+    /// epoch), read in pages so that a large head does not stall Redis.
+    /// Used only when the registry's count disagrees with the head's own.
+    pub async fn assignments_of(&self, head_id: &str) -> Result<Vec<(String, u64)>> {
+        let key = self.keys.assigned(head_id);
+        let mut out = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let key = key.clone();
+            let (next, page): (u64, Vec<(String, String)>) = self
+                .with_conn(|mut c| async move {
+                    redis::cmd("HSCAN")
+                        .arg(key)
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            for (worker, value) in page {
+                let epoch = value.split('|').next().unwrap_or_default();
+                if let Ok(epoch) = epoch.parse() {
+                    out.push((worker, epoch));
+                }
+            }
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// The seed of a lost epoch counter: the clock in microseconds, far above
+/// any epoch handed out before (a million epochs a second would be needed
+/// to catch up with it).
+fn epoch_seed() -> String {
+    (u64::try_from(now_ms()).unwrap_or(0) * 1000).to_string()
+}
+
+fn parse_epoch(text: &str) -> Result<u64> {
+    text.parse()
+        .map_err(|_| RegistryError::Protocol(format!("epoch {text:?} is not an integer")))
+}
+
+/// Parses a fencing notice, `epoch:worker`.
+fn parse_fence(entry: &str) -> Option<(String, u64)> {
+    let (epoch, worker) = entry.split_once(':')?;
+    if worker.is_empty() || !epoch.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((worker.to_owned(), epoch.parse().ok()?))
 }
 
 fn classify(e: redis::RedisError) -> RegistryError {
@@ -464,6 +555,16 @@ fn classify(e: redis::RedisError) -> RegistryError {
         Some("CAPACITY") => {
             let (load, capacity) = two_numbers();
             return RegistryError::AtCapacity { load, capacity };
+        }
+        Some("HELD") => {
+            let detail = e.detail().unwrap_or("");
+            let mut it = detail.splitn(3, ' ');
+            let mut next = || it.next().unwrap_or("").to_owned();
+            return RegistryError::Held {
+                head: next(),
+                head_addr: next(),
+                worker_addr: next(),
+            };
         }
         _ => {}
     }

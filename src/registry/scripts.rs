@@ -1,26 +1,81 @@
 //! The Lua scripts behind every multi-key change, so that each change is
 //! atomic in Redis (and stays in one slot on Redis Cluster: every key
 //! shares the namespace's hash tag).
+//!
+//! Epochs never pass through a Lua number: Redis runs Lua 5.1, whose
+//! numbers are doubles printed with `%.14g`, so an epoch seeded from the
+//! clock (about 1.8e15) would print as `1.795931484307e+15` and anything
+//! above 2^53 would not even be exact. The counter is read back with `GET`
+//! after `INCR`, kept as a decimal string, compared with [`LIB`]'s
+//! `newer`, and returned to Rust as a string.
+//!
+//! An assignment is one field of the head's `assigned` hash: the worker
+//! id, and `epoch|instance|state|addr`, where `instance` names the worker
+//! process (so a second process under the same id is told apart), `state`
+//! is `p` (adopted, stream not open yet) or `s` (streaming), and `addr` is
+//! where the worker serves `WorkerService`.
 
 use deadpool_redis::redis::Script;
 use std::sync::LazyLock;
 
+/// Helpers every assignment script starts with.
+const LIB: &str = r#"
+-- Decimal strings of digits, compared as the integers they are.
+local function newer(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+-- An assignment's value: epoch, instance, state, addr.
+local function parse(v)
+  if not v then return nil end
+  local e, i, s, a = string.match(v, '^(%d+)|([^|]*)|(%a)|(.*)$')
+  if not e then return nil end
+  return {epoch = e, instance = i, state = s, addr = a}
+end
+local function value(epoch, instance, state, addr)
+  return epoch .. '|' .. instance .. '|' .. state .. '|' .. addr
+end
+-- A lease whose TTL ran down past half belongs to a head that is probably
+-- gone (crashed, hung, cut off): "stale", tried last and not counted.
+local function head_state(key)
+  local h = redis.call('HMGET', key, 'state', 'ttl_ms', 'addr')
+  if not h[1] then return nil, nil end
+  local state = h[1]
+  local ttl = tonumber(h[2] or '0')
+  local pttl = redis.call('PTTL', key)
+  if state == 'ready' and ttl > 0 and pttl >= 0 and pttl < ttl / 2 then
+    state = 'stale'
+  end
+  return state, h[3]
+end
+-- The epoch counter as a string, seeded from `seed` when Redis lost it
+-- (fresh, restarted or flushed), far above any epoch handed out before.
+local function ensure_counter(key, seed)
+  if redis.call('EXISTS', key) == 0 then redis.call('SET', key, seed) end
+end
+"#;
+
+fn with_lib(body: &str) -> Script {
+    Script::new(&format!("{LIB}\n{body}"))
+}
+
 /// Creates or refreshes a head's lease, and hands the head the fencing
 /// notices other heads left for it (see [`ASSIGN`]).
 ///
-/// KEYS: head hash, heads set, the head's worker set, the head's fence
-/// list, the heads version counter.
+/// KEYS: head hash, heads set, the head's assignment hash, the head's
+/// fence list, the heads version counter.
 /// ARGV: head id, addr, lease ms, started ms, state, write (`1`: write
 /// the lease's fields even though it exists: the process's first refresh,
 /// or a new state).
-/// Returns `{existed, heads version, fence...}`: existed is 1 if the lease
-/// still existed (a refresh), 0 if it was created; each fence entry is
+/// Returns `{existed, heads version, assigned, fence...}`: existed is 1 if
+/// the lease still existed (a refresh), 0 if it was created; assigned is
+/// how many workers the registry counts for the head; each fence entry is
 /// `epoch:worker`.
 pub static REFRESH_LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 -- Runs once an interval per head: a quiet refresh is PEXPIRE, PEXPIRE,
--- GET and LRANGE. PEXPIRE answers 0 when the lease is gone.
+-- GET, HLEN and LRANGE. PEXPIRE answers 0 when the lease is gone.
 local existed, version = 1, nil
 local function write()
   redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3])
@@ -47,7 +102,7 @@ else
   end
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
-local out = {existed, version}
+local out = {existed, version, redis.call('HLEN', KEYS[3])}
 local fenced = redis.call('LRANGE', KEYS[4], 0, -1)
 if #fenced > 0 then
   redis.call('DEL', KEYS[4])
@@ -60,8 +115,8 @@ return out
 
 /// Removes a head at once (clean exit).
 ///
-/// KEYS: head hash, heads set, the head's worker set, its fence list, the
-/// heads version counter.
+/// KEYS: head hash, heads set, the head's assignment hash, its fence
+/// list, the heads version counter.
 /// ARGV: head id.
 pub static DEREGISTER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -76,31 +131,22 @@ return 1
 
 /// Lists live heads and prunes ids whose lease expired.
 ///
-/// KEYS: heads set. ARGV: head key prefix, worker-set key prefix.
+/// KEYS: heads set. ARGV: head key prefix, assignment-hash key prefix.
 /// Returns a flat list: id, addr, state (`ready`, `draining` or `stale`),
 /// assigned workers, start time (Unix ms), for each head.
 pub static LIVE_HEADS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_lib(
         r#"
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[1] .. id
-  local h = redis.call('HMGET', key, 'addr', 'state', 'ttl_ms', 'started_ms')
-  if h[1] then
-    local state = h[2] or 'ready'
-    -- A live head refreshes every interval, well within its TTL; one whose
-    -- lease has run down past half is probably dead (crashed, hung, cut
-    -- off): "stale", tried last and not counted as live.
-    local ttl = tonumber(h[3] or '0')
-    local pttl = redis.call('PTTL', key)
-    if state == 'ready' and ttl > 0 and pttl >= 0 and pttl < ttl / 2 then
-      state = 'stale'
-    end
+  local state, addr = head_state(key)
+  if state then
     table.insert(out, id)
-    table.insert(out, h[1])
+    table.insert(out, addr or '')
     table.insert(out, state)
-    table.insert(out, redis.call('SCARD', ARGV[2] .. id))
-    table.insert(out, h[4] or '0')
+    table.insert(out, redis.call('HLEN', ARGV[2] .. id))
+    table.insert(out, redis.call('HGET', key, 'started_ms') or '0')
   else
     redis.call('SREM', KEYS[1], id)
   end
@@ -111,19 +157,23 @@ return out
 });
 
 /// Assigns a worker to a head under a fresh epoch, within the head's load
-/// bound, and leaves the previous head a fencing notice.
+/// bound, and leaves every other head that held the worker a fencing
+/// notice.
 ///
-/// KEYS: head hash, worker hash, epoch counter, the head's worker set,
-/// heads set.
-/// ARGV: 1 head id, 2 worker id, 3 since ms, 4 worker addr, 5 worker-set
-/// key prefix, 6 lease ms, 7 head key prefix, 8 slack in thousandths,
-/// 9 capacity (0: none), 10 head the worker lost (excluded from H; may be
-/// empty), 11 fence-list key prefix.
+/// KEYS: head hash, the head's assignment hash, epoch counter, heads set.
+/// ARGV: 1 head id, 2 worker id, 3 epoch seed (decimal), 4 lease ms,
+/// 5 head key prefix, 6 assignment-hash key prefix, 7 fence-list key
+/// prefix, 8 slack in thousandths, 9 capacity (0: none), 10 worker
+/// instance (may be empty), 11 worker addr, 12... heads that do not count
+/// as live in the load bound (lost, unreachable or full, as the worker
+/// reports them).
 ///
-/// Fails with `NOLEASE`, `DRAINING`, `FULL load bound` or
-/// `CAPACITY load capacity`.
+/// Returns the epoch as a decimal string. Fails with `NOLEASE`,
+/// `DRAINING`, `FULL load bound`, `CAPACITY load capacity` or
+/// `HELD head head-addr` (another process of the same worker id streams
+/// to a live head).
 pub static ASSIGN: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_lib(
         r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('NOLEASE head holds no lease')
@@ -131,96 +181,125 @@ end
 if redis.call('HGET', KEYS[1], 'state') == 'draining' then
   return redis.error_reply('DRAINING head is draining')
 end
-local me, worker = ARGV[1], ARGV[2]
-local prev = redis.call('HGET', KEYS[2], 'head')
-if not (prev == me and redis.call('SISMEMBER', KEYS[4], worker) == 1) then
-  -- W: workers assigned to live heads, plus this one unless counted.
-  -- H: live heads not draining, minus the one the worker lost.
-  local total, live, counted = 0, 0, false
-  for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-    local h = redis.call('HMGET', ARGV[7] .. id, 'state', 'ttl_ms')
-    local state = h[1]
-    if state then
-      -- See LIVE_HEADS: a head whose lease ran down past half is stale.
-      local ttl = tonumber(h[2] or '0')
-      local pttl = redis.call('PTTL', ARGV[7] .. id)
-      if ttl > 0 and pttl >= 0 and pttl < ttl / 2 then state = 'stale' end
-      total = total + redis.call('SCARD', ARGV[5] .. id)
-      if state == 'ready' and id ~= ARGV[10] then live = live + 1 end
-      if id == prev and redis.call('SISMEMBER', ARGV[5] .. id, worker) == 1 then
-        counted = true
+local me, worker, instance = ARGV[1], ARGV[2], ARGV[10]
+local excluded = {}
+for i = 12, #ARGV do excluded[ARGV[i]] = true end
+-- W: workers assigned to live heads, plus this one unless counted.
+-- H: live heads not draining, minus the excluded ones.
+-- holders: the heads whose hash holds this worker.
+local total, live, holders = 0, 0, {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  local state, addr = head_state(ARGV[5] .. id)
+  if state then
+    local hash = ARGV[6] .. id
+    total = total + redis.call('HLEN', hash)
+    if state == 'ready' and not excluded[id] then live = live + 1 end
+    local a = parse(redis.call('HGET', hash, worker))
+    if a then
+      -- Another process under this id, streaming to a head that is alive:
+      -- refuse rather than let two processes take turns for ever.
+      if instance ~= '' and a.instance ~= '' and a.instance ~= instance
+          and a.state == 's' and state ~= 'stale' then
+        return redis.error_reply('HELD ' .. id .. ' ' .. (addr or '?') .. ' ' .. a.addr)
       end
+      table.insert(holders, id)
     end
   end
-  if not counted then total = total + 1 end
+end
+local mine = false
+for _, id in ipairs(holders) do if id == me then mine = true end end
+if not mine then
+  if #holders == 0 then total = total + 1 end
   if live < 1 then live = 1 end
   local slack = tonumber(ARGV[8])
   local bound = math.floor(((1000 + slack) * total + 1000 * live - 1) / (1000 * live))
-  local load = redis.call('SCARD', KEYS[4])
+  local load = redis.call('HLEN', KEYS[2])
   if load + 1 > bound then
-    return redis.error_reply('FULL ' .. load .. ' ' .. bound)
+    return redis.error_reply(string.format('FULL %d %d', load, bound))
   end
   local cap = tonumber(ARGV[9])
   if cap > 0 and load + 1 > cap then
-    return redis.error_reply('CAPACITY ' .. load .. ' ' .. cap)
+    return redis.error_reply(string.format('CAPACITY %d %d', load, cap))
   end
 end
-if redis.call('EXISTS', KEYS[3]) == 0 then
-  -- A lost counter (fresh, restarted or flushed Redis) restarts from the
-  -- clock, far above any epoch handed out before, so epochs keep growing.
-  redis.call('SET', KEYS[3], string.format('%.0f', tonumber(ARGV[3]) * 1000))
+ensure_counter(KEYS[3], ARGV[3])
+redis.call('INCR', KEYS[3])
+local epoch = redis.call('GET', KEYS[3])
+for _, id in ipairs(holders) do
+  if id ~= me then
+    redis.call('HDEL', ARGV[6] .. id, worker)
+    local fence = ARGV[7] .. id
+    redis.call('RPUSH', fence, epoch .. ':' .. worker)
+    redis.call('LTRIM', fence, -10000, -1)
+    redis.call('PEXPIRE', fence, ARGV[4])
+  end
 end
-local epoch = redis.call('INCR', KEYS[3])
-if prev and prev ~= me then
-  redis.call('SREM', ARGV[5] .. prev, worker)
-  local fence = ARGV[11] .. prev
-  redis.call('RPUSH', fence, epoch .. ':' .. worker)
-  redis.call('LTRIM', fence, -10000, -1)
-  redis.call('PEXPIRE', fence, ARGV[6])
-end
-redis.call('HSET', KEYS[2], 'head', me, 'epoch', epoch, 'since_ms', ARGV[3], 'addr', ARGV[4])
-redis.call('SADD', KEYS[4], worker)
-redis.call('PEXPIRE', KEYS[4], ARGV[6])
+redis.call('HSET', KEYS[2], worker, value(epoch, instance, 'p', ARGV[11]))
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return epoch
+"#,
+    )
+});
+
+/// Marks an assignment streaming when its worker opens `Heartbeat`, if it
+/// is still this head's at this epoch.
+///
+/// KEYS: the head's assignment hash. ARGV: worker id, epoch.
+/// Returns `{1, addr}` on success, `{0, current epoch}` if the worker holds
+/// another epoch here, `{0, ''}` if the head holds no assignment for it.
+pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    with_lib(
+        r#"
+local a = parse(redis.call('HGET', KEYS[1], ARGV[1]))
+if not a then return {0, ''} end
+if a.epoch ~= ARGV[2] then return {0, a.epoch} end
+if a.state ~= 's' then
+  redis.call('HSET', KEYS[1], ARGV[1], value(a.epoch, a.instance, 's', a.addr))
+end
+return {1, a.addr}
 "#,
     )
 });
 
 /// After a head got its lease back (it was paused, or Redis forgot it),
 /// re-records the workers whose streams it still holds, and names those
-/// that another head or a newer epoch took meanwhile.
+/// that another head took under a newer epoch meanwhile.
 ///
-/// KEYS: the head's worker set, epoch counter.
-/// ARGV: head id, worker key prefix, lease ms, now ms, then worker id and
-/// epoch pairs. Returns the worker ids the head must let go.
+/// KEYS: the head's assignment hash, epoch counter, heads set.
+/// ARGV: 1 head id, 2 assignment-hash key prefix, 3 lease ms, 4 epoch
+/// seed, then worker id, epoch, instance, addr for each stream.
+/// Returns the worker ids the head must let go.
 pub static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_lib(
         r#"
 local me, stale = ARGV[1], {}
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  -- See ASSIGN: a lost counter restarts from the clock.
-  redis.call('SET', KEYS[2], string.format('%.0f', tonumber(ARGV[4]) * 1000))
+local others = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if id ~= me then table.insert(others, ARGV[2] .. id) end
 end
-local top = tonumber(redis.call('GET', KEYS[2]))
-for i = 5, #ARGV, 2 do
+ensure_counter(KEYS[2], ARGV[4])
+local top = redis.call('GET', KEYS[2])
+for i = 5, #ARGV, 4 do
   local worker, epoch = ARGV[i], ARGV[i + 1]
-  local key = ARGV[2] .. worker
-  local a = redis.call('HMGET', key, 'head', 'epoch')
-  if a[1] == false then
-    -- Redis forgot the assignment (restart, flush): the stream is still
-    -- the truth, so record it again.
-    redis.call('HSET', key, 'head', me, 'epoch', epoch, 'since_ms', 0, 'addr', '')
-    redis.call('SADD', KEYS[1], worker)
-  elseif a[1] == me and a[2] == epoch then
-    redis.call('SADD', KEYS[1], worker)
-  else
-    table.insert(stale, worker)
+  local taken = false
+  for _, hash in ipairs(others) do
+    local a = parse(redis.call('HGET', hash, worker))
+    if a and newer(a.epoch, epoch) then taken = true end
   end
-  if tonumber(epoch) > top then top = tonumber(epoch) end
+  local a = parse(redis.call('HGET', KEYS[1], worker))
+  if a and newer(a.epoch, epoch) then taken = true end
+  if taken then
+    table.insert(stale, worker)
+  else
+    -- Redis forgot the assignment (the hash expired with the lapsed
+    -- lease, or Redis restarted): the stream is still the truth.
+    redis.call('HSET', KEYS[1], worker, value(epoch, ARGV[i + 2], 's', ARGV[i + 3]))
+    if newer(epoch, top) then top = epoch end
+  end
 end
 -- Epochs must keep growing even if the counter was lost.
-if top > tonumber(redis.call('GET', KEYS[2]) or '0') then
-  redis.call('SET', KEYS[2], string.format('%.0f', top))
+if newer(top, redis.call('GET', KEYS[2])) then
+  redis.call('SET', KEYS[2], top)
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return stale
@@ -228,17 +307,16 @@ return stale
     )
 });
 
-/// Drops an assignment, but only if it is still the given head's at the
-/// given epoch: a late release never undoes a newer assignment.
+/// Drops an assignment, but only if it is still this head's at the given
+/// epoch: a late release never undoes a newer assignment.
 ///
-/// KEYS: worker hash, the head's worker set. ARGV: head id, epoch, worker id.
+/// KEYS: the head's assignment hash. ARGV: worker id, epoch.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_lib(
         r#"
-local a = redis.call('HMGET', KEYS[1], 'head', 'epoch')
-if a[1] == ARGV[1] and a[2] == ARGV[2] then
-  redis.call('DEL', KEYS[1])
-  redis.call('SREM', KEYS[2], ARGV[3])
+local a = parse(redis.call('HGET', KEYS[1], ARGV[1]))
+if a and a.epoch == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
   return 1
 end
 return 0

@@ -275,3 +275,17 @@ pub async fn settle(
     }
     view
 }
+
+/// The epoch of an assignment as Redis stores it: the value of the
+/// worker's field in `{ns}:assigned:<head>`, `epoch|instance|state|addr`.
+#[allow(dead_code)]
+pub fn assignment_epoch(value: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(value).ok()?;
+    text.split('|').next()?.parse().ok()
+}
+
+/// The key of a head's assignment hash under the default namespace.
+#[allow(dead_code)]
+pub fn assigned_key(head: &str) -> String {
+    format!("{{tether}}:assigned:{head}")
+}
