@@ -420,3 +420,106 @@ impl Attached {
         self.adoptions.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_stream(attached: &Attached, worker: &str, epoch: u64, secret: Secret) -> Arc<Stream> {
+        attached.insert(
+            NewStream {
+                worker_id: worker.into(),
+                epoch,
+                worker_addr: String::new(),
+                instance: "i".into(),
+                secret,
+            },
+            // The wall clock is display only: a nonsense value changes
+            // nothing below.
+            -1,
+        )
+    }
+
+    /// Silence is timed on tokio's monotonic clock, which this test
+    /// drives by hand: the wall clock is not an input at all, so an NTP
+    /// step can neither close a beating stream nor keep a silent one.
+    #[tokio::test(start_paused = true)]
+    async fn silence_is_timed_on_the_monotonic_clock_only() {
+        let attached = Attached::default();
+        let secret = Secret::generate().expect("randomness");
+        let s = new_stream(&attached, "w", 7, secret);
+        let timeout = Duration::from_millis(600);
+        s.record(1, None, Instant::now());
+        tokio::time::advance(Duration::from_millis(599)).await;
+        assert!(!s.silent_at(Instant::now(), timeout));
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert!(s.silent_at(Instant::now(), timeout));
+        s.record(2, None, Instant::now());
+        assert!(!s.silent_at(Instant::now(), timeout));
+        // The display field follows the monotonic age, whatever since_ms.
+        tokio::time::advance(Duration::from_millis(250)).await;
+        let age = tether::registry::now_ms() - s.info().last_beat_ms;
+        assert!((250..1_000).contains(&age), "age {age} ms");
+    }
+
+    #[test]
+    fn a_stream_needs_the_adoptions_secret_and_epoch() {
+        let attached = Attached::default();
+        let secret = Secret::generate().expect("randomness");
+        let expires = Instant::now() + Duration::from_secs(5);
+        attached.adopting(
+            "w",
+            Adoption {
+                epoch: 0,
+                secret,
+                instance: "i".into(),
+                expires,
+            },
+        );
+        // Not before the registry handed out the epoch.
+        assert_eq!(attached.admit("w", 0, &secret.to_hex()), Admission::Denied);
+        attached.adopted("w", secret, 9);
+        assert_eq!(attached.admit("w", 9, ""), Admission::Denied);
+        assert_eq!(attached.admit("w", 8, &secret.to_hex()), Admission::Denied);
+        assert_eq!(attached.admit("x", 9, &secret.to_hex()), Admission::Denied);
+        let other = Secret::generate().expect("randomness");
+        assert_eq!(attached.admit("w", 9, &other.to_hex()), Admission::Denied);
+        assert!(matches!(
+            attached.admit("w", 9, &secret.to_hex()),
+            Admission::Adopted(_)
+        ));
+        // Once the stream is open, a reconnect needs the same secret.
+        new_stream(&attached, "w", 9, secret);
+        assert_eq!(attached.adoptions_len(), 0);
+        assert!(matches!(
+            attached.admit("w", 9, &secret.to_hex()),
+            Admission::Reconnect { .. }
+        ));
+        assert_eq!(attached.admit("w", 9, &other.to_hex()), Admission::Denied);
+        assert!(!format!("{secret:?}").contains(&secret.to_hex()));
+    }
+
+    #[test]
+    fn adoptions_expire_and_are_named_once() {
+        let attached = Attached::default();
+        let now = Instant::now();
+        let secret = Secret::generate().expect("randomness");
+        for (worker, epoch, ttl) in [("a", 1, 1), ("b", 2, 10), ("pending", 0, 1)] {
+            attached.adopting(
+                worker,
+                Adoption {
+                    epoch,
+                    secret,
+                    instance: String::new(),
+                    expires: now + Duration::from_secs(ttl),
+                },
+            );
+        }
+        let gone = attached.expire_adoptions(now + Duration::from_secs(2));
+        assert_eq!(gone, vec![("a".to_owned(), 1)]);
+        assert!(attached.knows("b") && !attached.knows("a") && !attached.knows("pending"));
+        assert!(attached
+            .expire_adoptions(now + Duration::from_secs(2))
+            .is_empty());
+    }
+}
