@@ -20,7 +20,7 @@
 
 use crate::pb::head_service_client::HeadServiceClient;
 use crate::pb::worker_service_client::WorkerServiceClient;
-use crate::pb::{ListWorkersRequest, ListWorkersResponse, StatusRequest, WorkerStatus};
+use crate::pb::{ListWorkersResponse, StatusRequest, WorkerStatus};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -202,8 +202,9 @@ fn tail_of(path: &Path, n: usize) -> String {
     }
 }
 
-/// Sends `signal` to `pid` with the `kill` command.
-fn send_signal(pid: u32, signal: Signal) -> Result<()> {
+/// Sends `signal` to `pid` with the `kill` command; for processes the
+/// harness did not start itself (say `tetherctl watch`).
+pub fn send_signal(pid: u32, signal: Signal) -> Result<()> {
     let status = Command::new("kill")
         .arg(format!("-{}", signal.name()))
         .arg(pid.to_string())
@@ -1029,15 +1030,16 @@ impl Probe {
         bounded("Status", addr, client.status(StatusRequest {})).await
     }
 
-    /// `HeadService.ListWorkers` of the head at `addr`.
+    /// `HeadService.ListWorkers` of the head at `addr`: every page, joined
+    /// into one answer, all under one [`RPC_TIMEOUT`].
     pub async fn list_workers(&mut self, addr: SocketAddr) -> Result<ListWorkersResponse> {
         let mut client = HeadServiceClient::new(self.channel(addr));
-        bounded(
-            "ListWorkers",
-            addr,
-            client.list_workers(ListWorkersRequest {}),
-        )
-        .await
+        let all = async move {
+            crate::listing::list_all(&mut client, tonic::Request::new)
+                .await
+                .map(tonic::Response::new)
+        };
+        bounded("ListWorkers", addr, all).await
     }
 
     /// The health of `service` (`""` for the whole server) at `addr`.
