@@ -42,6 +42,10 @@ pub const REDIS_MISSING: &str = "redis-server is not on PATH; run `make test` (i
 /// build on a busy two-core machine can be slow; a SIGSTOPped peer hits it.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Bound on reading every page of one head's `ListWorkers`: a few pages
+/// of thousands of workers on a loaded machine.
+pub const LISTING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How long a spawned head or worker may take to accept connections.
 /// Generous for the same reason as [`RPC_TIMEOUT`].
 pub const SPAWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -986,7 +990,17 @@ async fn bounded<T>(
     addr: SocketAddr,
     call: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T> {
-    match tokio::time::timeout(RPC_TIMEOUT, call).await {
+    bounded_by(what, addr, RPC_TIMEOUT, call).await
+}
+
+/// [`bounded`] with another bound, for calls made of several RPCs.
+async fn bounded_by<T>(
+    what: &'static str,
+    addr: SocketAddr,
+    bound: Duration,
+    call: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    match tokio::time::timeout(bound, call).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
         Ok(Err(status)) => Err(HarnessError::Rpc {
             what,
@@ -998,7 +1012,7 @@ async fn bounded<T>(
             what,
             addr,
             code: tonic::Code::DeadlineExceeded,
-            message: format!("no answer within {RPC_TIMEOUT:?}"),
+            message: format!("no answer within {bound:?}"),
         }),
     }
 }
@@ -1031,15 +1045,21 @@ impl Probe {
     }
 
     /// `HeadService.ListWorkers` of the head at `addr`: every page, joined
-    /// into one answer, all under one [`RPC_TIMEOUT`].
+    /// into one answer; each page under [`RPC_TIMEOUT`], all of them under
+    /// [`LISTING_TIMEOUT`].
     pub async fn list_workers(&mut self, addr: SocketAddr) -> Result<ListWorkersResponse> {
         let mut client = HeadServiceClient::new(self.channel(addr));
         let all = async move {
-            crate::listing::list_all(&mut client, tonic::Request::new)
+            let page = |message| {
+                let mut request = tonic::Request::new(message);
+                request.set_timeout(RPC_TIMEOUT);
+                request
+            };
+            crate::listing::list_all(&mut client, page)
                 .await
                 .map(tonic::Response::new)
         };
-        bounded("ListWorkers", addr, all).await
+        bounded_by("ListWorkers", addr, LISTING_TIMEOUT, all).await
     }
 
     /// The health of `service` (`""` for the whole server) at `addr`.
