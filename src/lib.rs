@@ -13,6 +13,8 @@
 //! - [`registry`]: everything in Redis: key layout, head leases,
 //!   assignments with epochs (Lua scripts).
 //! - [`events`]: membership events through Redis pub/sub.
+//! - [`listing`]: `ListWorkers` in pages: sizes, the head's cut, the
+//!   client loop that reads every page.
 //! - [`placement`]: rendezvous ordering of heads for a worker.
 //! - [`attach`]: the worker side of the protocol, shared by `tether-worker`
 //!   and the benchmark.
@@ -30,6 +32,7 @@ pub mod backoff;
 pub mod codec;
 pub mod config;
 pub mod events;
+pub mod listing;
 pub mod localcluster;
 pub mod metrics;
 pub mod pb;

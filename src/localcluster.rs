@@ -20,7 +20,7 @@
 
 use crate::pb::head_service_client::HeadServiceClient;
 use crate::pb::worker_service_client::WorkerServiceClient;
-use crate::pb::{ListWorkersRequest, ListWorkersResponse, StatusRequest, WorkerStatus};
+use crate::pb::{ListWorkersResponse, StatusRequest, WorkerStatus};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -41,6 +41,10 @@ pub const REDIS_MISSING: &str = "redis-server is not on PATH; run `make test` (i
 /// Bound on every gRPC call the helpers make. Generous, because a debug
 /// build on a busy two-core machine can be slow; a SIGSTOPped peer hits it.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bound on reading every page of one head's `ListWorkers`: a few pages
+/// of thousands of workers on a loaded machine.
+pub const LISTING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long a spawned head or worker may take to accept connections.
 /// Generous for the same reason as [`RPC_TIMEOUT`].
@@ -202,8 +206,9 @@ fn tail_of(path: &Path, n: usize) -> String {
     }
 }
 
-/// Sends `signal` to `pid` with the `kill` command.
-fn send_signal(pid: u32, signal: Signal) -> Result<()> {
+/// Sends `signal` to `pid` with the `kill` command; for processes the
+/// harness did not start itself (say `tetherctl watch`).
+pub fn send_signal(pid: u32, signal: Signal) -> Result<()> {
     let status = Command::new("kill")
         .arg(format!("-{}", signal.name()))
         .arg(pid.to_string())
@@ -985,7 +990,17 @@ async fn bounded<T>(
     addr: SocketAddr,
     call: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T> {
-    match tokio::time::timeout(RPC_TIMEOUT, call).await {
+    bounded_by(what, addr, RPC_TIMEOUT, call).await
+}
+
+/// [`bounded`] with another bound, for calls made of several RPCs.
+async fn bounded_by<T>(
+    what: &'static str,
+    addr: SocketAddr,
+    bound: Duration,
+    call: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    match tokio::time::timeout(bound, call).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
         Ok(Err(status)) => Err(HarnessError::Rpc {
             what,
@@ -997,7 +1012,7 @@ async fn bounded<T>(
             what,
             addr,
             code: tonic::Code::DeadlineExceeded,
-            message: format!("no answer within {RPC_TIMEOUT:?}"),
+            message: format!("no answer within {bound:?}"),
         }),
     }
 }
@@ -1029,15 +1044,22 @@ impl Probe {
         bounded("Status", addr, client.status(StatusRequest {})).await
     }
 
-    /// `HeadService.ListWorkers` of the head at `addr`.
+    /// `HeadService.ListWorkers` of the head at `addr`: every page, joined
+    /// into one answer; each page under [`RPC_TIMEOUT`], all of them under
+    /// [`LISTING_TIMEOUT`].
     pub async fn list_workers(&mut self, addr: SocketAddr) -> Result<ListWorkersResponse> {
         let mut client = HeadServiceClient::new(self.channel(addr));
-        bounded(
-            "ListWorkers",
-            addr,
-            client.list_workers(ListWorkersRequest {}),
-        )
-        .await
+        let all = async move {
+            let page = |message| {
+                let mut request = tonic::Request::new(message);
+                request.set_timeout(RPC_TIMEOUT);
+                request
+            };
+            crate::listing::list_all(&mut client, page)
+                .await
+                .map(tonic::Response::new)
+        };
+        bounded_by("ListWorkers", addr, LISTING_TIMEOUT, all).await
     }
 
     /// The health of `service` (`""` for the whole server) at `addr`.

@@ -196,7 +196,7 @@ async fn sample(
         let mut client = HeadServiceClient::new(channel(*addr));
         let id = id.clone();
         lists.spawn(async move {
-            let call = client.list_workers(ListWorkersRequest {});
+            let call = client.list_workers(ListWorkersRequest::default());
             match tokio::time::timeout(PROBE_TIMEOUT, call).await {
                 Ok(Ok(r)) => Some((id, r.into_inner())),
                 _ => None,

@@ -405,7 +405,7 @@ async fn thousands_of_connections_do_not_disturb_attached_workers() {
             let mut client = head_client(addr);
             let mut answered = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let call = client.list_workers(ListWorkersRequest {});
+                let call = client.list_workers(ListWorkersRequest::default());
                 if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), call).await {
                     answered += 1;
                 }
@@ -736,7 +736,7 @@ fn arbitrary_requests_never_crash_the_head() {
             let r = r.map_err(|_| TestCaseError::fail(format!("no answer to {request:?}")))?;
             note("Reassign", r.as_ref().err().map(|s| s.code()));
             answered(&format!("Reassign({request:?})"), &r)?;
-            let listed = runtime.block_on(client.list_workers(ListWorkersRequest {}));
+            let listed = runtime.block_on(client.list_workers(ListWorkersRequest::default()));
             note("ListWorkers", listed.as_ref().err().map(|s| s.code()));
             prop_assert!(listed.is_ok(), "ListWorkers after {request:?}: {listed:?}");
             Ok(())

@@ -139,7 +139,7 @@ fn authorized<T>(message: T) -> tonic::Request<T> {
 /// `ListWorkers` of the head at `addr`, through the Rust client.
 async fn rust_listing(addr: SocketAddr) -> Result<ListWorkersResponse, String> {
     let mut client = head_client(addr);
-    let call = client.list_workers(authorized(ListWorkersRequest {}));
+    let call = client.list_workers(authorized(ListWorkersRequest::default()));
     match tokio::time::timeout(RPC_TIMEOUT, call).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),

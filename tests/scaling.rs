@@ -885,7 +885,7 @@ impl Sampler {
                 for (id, client) in &clients {
                     let (id, mut client) = (id.clone(), client.clone());
                     calls.spawn(async move {
-                        let call = client.list_workers(tether::pb::ListWorkersRequest {});
+                        let call = client.list_workers(tether::pb::ListWorkersRequest::default());
                         let answer = tokio::time::timeout(Duration::from_millis(150), call).await;
                         let list = match answer {
                             Ok(Ok(l)) => Some(

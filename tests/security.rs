@@ -169,7 +169,7 @@ async fn health(channel: Channel, service: &str) -> Result<ServingStatus, tonic:
 
 /// `ListWorkers` over `channel` with `token` (if any), bounded; the ids.
 async fn list(channel: Channel, token: Option<&str>) -> Result<Vec<String>, tonic::Status> {
-    let mut request = tonic::Request::new(ListWorkersRequest {});
+    let mut request = tonic::Request::new(ListWorkersRequest::default());
     if let Some(t) = token {
         request
             .metadata_mut()
@@ -452,7 +452,7 @@ async fn the_bearer_token_guards_every_rpc_but_health() {
             ))
             .await;
         let listing = client
-            .list_workers(request(ListWorkersRequest {}, auth))
+            .list_workers(request(ListWorkersRequest::default(), auth))
             .await;
         let drain = client.drain(request(DrainRequest {}, auth)).await;
         let (tx, rx) = tokio::sync::mpsc::channel(1);

@@ -13,7 +13,7 @@ spaces, except `detail=` in events, which is always the last field.
 Options (after the command): `--token-file FILE` sends
 `authorization: Bearer <contents of FILE>`, for clusters started with
 `--auth-token-file`; `--stubs DIR` says where generate.py wrote the stubs;
-`--timeout SECONDS` bounds `list` and `status`.
+`--timeout SECONDS` bounds `list` (each page) and `status`.
 
 Exit status: 0 on success, 1 when a call fails (the gRPC status code and
 message go to stderr), 2 on bad usage.
@@ -75,16 +75,36 @@ def age_ms(now_ms: int, then_ms: int) -> int:
     return max(0, now_ms - then_ms) if then_ms > 0 else 0
 
 
+# ListWorkers answers in pages of at most this many workers (the head's
+# maximum); a page may hold fewer, only an empty next_page_token ends it.
+PAGE_SIZE = 1000
+
+
+def all_workers(pb, stub, args, md):
+    """Every page of a head's ListWorkers: (head id, workers by id)."""
+    head_id, workers, token = "", [], ""
+    while True:
+        request = pb.ListWorkersRequest(page_size=PAGE_SIZE, page_token=token)
+        try:
+            page = stub.ListWorkers(request, timeout=args.timeout, metadata=md)
+        except grpc.RpcError as e:
+            rpc_error("ListWorkers", args.target, e)
+        head_id = page.head_id
+        workers.extend(page.workers)
+        if not page.next_page_token:
+            return head_id, workers
+        if page.next_page_token <= token:
+            fail(f"ListWorkers at {args.target}: page token {page.next_page_token!r} after {token!r} does not grow")
+        token = page.next_page_token
+
+
 def list_workers(pb, grpc_pb, channel, args, md) -> None:
-    """One line for the head, then one per attached worker."""
+    """One line for the head, then one per attached worker (every page)."""
     stub = grpc_pb.HeadServiceStub(channel)
-    try:
-        answer = stub.ListWorkers(pb.ListWorkersRequest(), timeout=args.timeout, metadata=md)
-    except grpc.RpcError as e:
-        rpc_error("ListWorkers", args.target, e)
+    head_id, workers = all_workers(pb, stub, args, md)
     now = int(time.time() * 1000)
-    print(f"head={answer.head_id} workers={len(answer.workers)}")
-    for w in answer.workers:
+    print(f"head={head_id} workers={len(workers)}")
+    for w in workers:
         load = f"{w.load:g}" if w.HasField("load") else "-"
         print(
             f"worker={w.worker_id} epoch={w.epoch} addr={w.worker_addr or '-'}"

@@ -334,11 +334,17 @@ impl HeadService for HeadSvc {
 
     async fn list_workers(
         &self,
-        _request: Request<ListWorkersRequest>,
+        request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
+        let (workers, next_page_token) =
+            tether::listing::page(request.get_ref(), |after, limit| {
+                self.attached.list(after, limit)
+            })
+            .map_err(Status::invalid_argument)?;
         Ok(Response::new(ListWorkersResponse {
             head_id: self.cfg.id.clone(),
-            workers: self.attached.list(),
+            workers,
+            next_page_token,
         }))
     }
 

@@ -1,0 +1,389 @@
+//! `tetherctl` against real clusters: `status` at thousands of workers on
+//! one head (which needs `ListWorkers` in pages), and `watch` across the
+//! death of the head it watches.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tether::attach::{AttachConfig, Snapshot};
+use tether::localcluster::{head_client, run_to_exit, send_signal, wait_until, Probe, Signal};
+use tether::pb::{ListWorkersRequest, WorkerInfo};
+use tether::registry::Registry;
+use tether::security::ClientSecurity;
+use tokio::sync::watch;
+
+const TETHERCTL: &str = env!("CARGO_BIN_EXE_tetherctl");
+
+/// Workers on the one head of the paging test: well above the ~1,800
+/// whose `ListWorkers` used to fit in 64 KiB.
+const FLEET: usize = 5000;
+
+/// Runs `tetherctl --redis-url URL ARGS` to its end; its exit status must
+/// be success. Returns its stdout.
+fn tetherctl(redis_url: &str, args: &[&str]) -> String {
+    let mut all = vec!["--redis-url", redis_url, "--timeout", "10s"];
+    all.extend_from_slice(args);
+    let started = Instant::now();
+    let out = ok(run_to_exit(
+        Path::new(TETHERCTL),
+        &all,
+        Duration::from_secs(60),
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "tetherctl {args:?} failed ({}) after {:?}; stdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        started.elapsed(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("tetherctl {args:?}: {:?}", started.elapsed());
+    stdout
+}
+
+/// `n` workers in this process: the library's attach loop, the one
+/// `tether-worker` runs, as tether-bench's simulated fleet does. Stops
+/// them when dropped.
+struct Fleet {
+    status: Vec<watch::Receiver<Snapshot>>,
+    _stop: tether::shutdown::ShutdownTrigger,
+}
+
+impl Fleet {
+    fn start(redis_url: &str, n: usize) -> Fleet {
+        let registry = Registry::new(redis_url, "tether", 8).expect("registry");
+        let (stop, shutdown) = tether::shutdown::channel();
+        let status = (0..n)
+            .map(|i| {
+                let (tx, rx) = watch::channel(Snapshot::default());
+                let cfg = AttachConfig {
+                    worker_id: format!("w-{i:05}"),
+                    connect_timeout: Duration::from_secs(5),
+                    backoff_base: Duration::from_millis(100),
+                    backoff_max: Duration::from_secs(1),
+                    security: ClientSecurity::default(),
+                    ..AttachConfig::default()
+                };
+                tokio::spawn(tether::attach::run(
+                    cfg,
+                    registry.clone(),
+                    tx,
+                    shutdown.clone(),
+                ));
+                rx
+            })
+            .collect();
+        Fleet {
+            status,
+            _stop: stop,
+        }
+    }
+
+    fn attached(&self) -> usize {
+        self.status.iter().filter(|s| s.borrow().attached).count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
+    let mut cluster = cluster();
+    // Slow beats: 5,000 streams of a debug build on a shared machine.
+    let head = ok(cluster.spawn_head(
+        "head-0",
+        &[
+            "--heartbeat-interval",
+            "2s",
+            "--heartbeat-timeout",
+            "10s",
+            "--lease-ttl",
+            "5s",
+        ],
+    ))
+    .addr;
+    ok(tether::localcluster::wait_serving(head, HEAD_SERVICE, START_TIMEOUT).await);
+    let url = cluster.redis().url();
+    let started = Instant::now();
+    let fleet = Fleet::start(&url, FLEET);
+    let all_attached = wait_until(
+        Duration::from_secs(45),
+        Duration::from_millis(100),
+        async || fleet.attached() == FLEET,
+    )
+    .await;
+    assert!(
+        all_attached,
+        "only {} of {FLEET} workers attached within 45 s",
+        fleet.attached()
+    );
+    eprintln!("{FLEET} workers attached in {:?}", started.elapsed());
+
+    // A client that predates paging: no page_size, no token. It gets the
+    // first page of the default size, not OUT_OF_RANGE.
+    let mut client = head_client(head);
+    let first = client
+        .list_workers(ListWorkersRequest::default())
+        .await
+        .unwrap_or_else(|s| panic!("ListWorkers without paging fields: {s:?}"))
+        .into_inner();
+    assert_eq!(first.workers.len(), 500, "the default page size is 500");
+    assert_eq!(first.workers[0].worker_id, "w-00000");
+    assert_eq!(first.next_page_token, first.workers[499].worker_id);
+
+    // Paging with too large a page size: pages of at most 1,000, every
+    // worker exactly once, in id order.
+    let mut ids: Vec<String> = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = client
+            .list_workers(ListWorkersRequest {
+                page_size: 100_000,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("ListWorkers page {pages} after {token:?}: {s:?}"))
+            .into_inner();
+        pages += 1;
+        assert!(
+            page.workers.len() <= 1000,
+            "a page of {}",
+            page.workers.len()
+        );
+        ids.extend(
+            page.workers
+                .iter()
+                .map(|w: &WorkerInfo| w.worker_id.clone()),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let expected: Vec<String> = (0..FLEET).map(|i| format!("w-{i:05}")).collect();
+    assert!(
+        ids == expected,
+        "{pages} pages listed {} ids: {:?}...",
+        ids.len(),
+        &ids[..ids.len().min(5)]
+    );
+    assert_eq!(pages, FLEET / 1000);
+    let refused = client
+        .list_workers(ListWorkersRequest {
+            page_size: 0,
+            page_token: "x".repeat(200),
+        })
+        .await
+        .expect_err("a 200-byte token is no worker id");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+    // The harness reads every page too.
+    let listed = ok(Probe::new().list_workers(head).await);
+    assert_eq!(listed.workers.len(), FLEET);
+
+    // `status` summarises: one line per head with its stream count and
+    // beat ages, no line per worker.
+    let status = tetherctl(&url, &["status"]);
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("head-0 "))
+        .unwrap_or_else(|| panic!("no line for head-0:\n{status}"));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[4], FLEET.to_string(), "STREAMS of {line:?}");
+    assert!(fields[5].ends_with("ms"), "beat age p50 in {line:?}");
+    assert!(
+        status.lines().count() < 20 && status.contains("tetherctl status --workers HEAD"),
+        "status should summarise {FLEET} workers:\n{status}"
+    );
+    // `status --workers head-0` lists every one of them.
+    let workers = tetherctl(&url, &["status", "--workers", "head-0"]);
+    let listed: Vec<&str> = workers
+        .lines()
+        .filter_map(|l| {
+            l.trim_start()
+                .strip_prefix("w-")
+                .map(|_| l.split_whitespace().next().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(
+        listed.len(),
+        FLEET,
+        "worker lines of status --workers:\n{}",
+        &workers[..workers.len().min(2000)]
+    );
+    assert!(workers.contains(&format!("head-0: {FLEET} workers")));
+    drop(fleet);
+}
+
+/// `tetherctl watch` running in the background; its output lines are
+/// collected as they come. Killed when dropped.
+struct Watcher {
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Watcher {
+    fn start(redis_url: &str) -> Watcher {
+        let mut child = Command::new(TETHERCTL)
+            .args(["--redis-url", redis_url, "watch"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tetherctl starts");
+        let collect = |pipe: Box<dyn std::io::Read + Send>| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let sink = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(line);
+                }
+            });
+            lines
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        Watcher {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn output(&self) -> String {
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            self.stdout().join("\n"),
+            self.stderr().join("\n")
+        )
+    }
+
+    /// Waits until some line (stdout or stderr) contains `text`; returns
+    /// it.
+    async fn wait_line(&mut self, text: &str, timeout: Duration) -> String {
+        let mut found = None;
+        wait_until(timeout, Duration::from_millis(20), async || {
+            found = (self.stdout().into_iter())
+                .chain(self.stderr())
+                .find(|l| l.contains(text));
+            found.is_some()
+        })
+        .await;
+        found.unwrap_or_else(|| {
+            panic!(
+                "tetherctl watch printed no {text:?} within {timeout:?} (exit: {:?}); {}",
+                self.child.try_wait(),
+                self.output()
+            )
+        })
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_shows_the_failover_of_the_head_it_watches() {
+    let mut cluster = start_cluster(3, 9).await;
+    let mut watcher = Watcher::start(&cluster.redis().url());
+    let line = watcher
+        .wait_line("watching the cluster's events through head ", START_TIMEOUT)
+        .await;
+    let watched = line
+        .split("through head ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a head id")
+        .to_owned();
+    // Give its standby stream (announced on stderr) time to open, so
+    // that no event is lost. A watch without one goes on regardless.
+    wait_until(START_TIMEOUT, Duration::from_millis(20), async || {
+        watcher
+            .stderr()
+            .iter()
+            .any(|l| l.contains("standby stream open"))
+    })
+    .await;
+    let heads: Vec<Member> = cluster.heads().map(Member::from).collect();
+    let workers: Vec<Member> = cluster.workers().map(Member::from).collect();
+    let view = View::take(&mut Probe::new(), &heads, &workers).await;
+    let moving = view.workers_of(&watched);
+    assert!(!moving.is_empty(), "no worker on {watched}:\n{view}");
+
+    let before = watcher.stdout().len();
+    let killed_at = Instant::now();
+    ok(cluster
+        .process_mut(&watched)
+        .expect("the watched head")
+        .kill());
+    let mut missing = moving.clone();
+    let all_seen = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        async || {
+            let after = watcher.stdout().split_off(before);
+            missing.retain(|w| {
+                let moved = format!("worker {w} moved {watched} -> ");
+                let attached = format!("worker {w} attached to ");
+                !after.iter().any(|l| {
+                    l.contains(&moved)
+                        || (l.contains(&attached)
+                            && !l.contains(&format!("attached to {watched} ")))
+                })
+            });
+            missing.is_empty()
+        },
+    )
+    .await;
+    assert!(
+        all_seen,
+        "after SIGKILL of {watched}, tetherctl watch showed no move of {missing:?} within 20 s (exit: {:?}); {}",
+        watcher.child.try_wait(),
+        watcher.output()
+    );
+    eprintln!(
+        "the moves of {} workers of {watched} showed {:?} after its SIGKILL; tetherctl watch {}",
+        moving.len(),
+        killed_at.elapsed(),
+        watcher.output()
+    );
+    assert!(
+        watcher.child.try_wait().expect("try_wait").is_none(),
+        "tetherctl watch exited; {}",
+        watcher.output()
+    );
+    // It goes on until Ctrl-C, and then exits 0.
+    ok(send_signal(watcher.child.id(), Signal::Int));
+    let mut exit = None;
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        async || {
+            exit = watcher.child.try_wait().expect("try_wait");
+            exit.is_some()
+        },
+    )
+    .await;
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "tetherctl watch after SIGINT: {exit:?}; {}",
+        watcher.output()
+    );
+}
