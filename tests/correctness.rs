@@ -130,8 +130,11 @@ async fn wait_registry_live(cluster: &Cluster, within: Duration, what: &str) -> 
             }
         }
         let mut keys = all_keys(cluster);
-        // Bumped whenever a head registers; one key, not per id.
-        keys.remove("{tether}:heads-version");
+        // One key each per namespace, not per id: the heads version, the
+        // sweep turn and the load digest.
+        for k in ["{tether}:heads-version", "{tether}:sweep", "{tether}:loads"] {
+            keys.remove(k);
+        }
         if keys != expected {
             problems.push(format!(
                 "keys beyond live state: {:?}; missing: {:?}",

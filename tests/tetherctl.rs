@@ -10,12 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tether::attach::{AttachConfig, Snapshot};
 use tether::localcluster::{head_client, run_to_exit, send_signal, wait_until, Probe, Signal};
 use tether::pb::{ListWorkersRequest, WorkerInfo};
-use tether::registry::Registry;
-use tether::security::ClientSecurity;
-use tokio::sync::watch;
 
 const TETHERCTL: &str = env!("CARGO_BIN_EXE_tetherctl");
 
@@ -44,49 +40,6 @@ fn tetherctl(redis_url: &str, args: &[&str]) -> String {
     );
     eprintln!("tetherctl {args:?}: {:?}", started.elapsed());
     stdout
-}
-
-/// `n` workers in this process: the library's attach loop, the one
-/// `tether-worker` runs, as tether-bench's simulated fleet does. Stops
-/// them when dropped.
-struct Fleet {
-    status: Vec<watch::Receiver<Snapshot>>,
-    _stop: tether::shutdown::ShutdownTrigger,
-}
-
-impl Fleet {
-    fn start(redis_url: &str, n: usize) -> Fleet {
-        let registry = Registry::new(redis_url, "tether", 8).expect("registry");
-        let (stop, shutdown) = tether::shutdown::channel();
-        let status = (0..n)
-            .map(|i| {
-                let (tx, rx) = watch::channel(Snapshot::default());
-                let cfg = AttachConfig {
-                    worker_id: format!("w-{i:05}"),
-                    connect_timeout: Duration::from_secs(5),
-                    backoff_base: Duration::from_millis(100),
-                    backoff_max: Duration::from_secs(1),
-                    security: ClientSecurity::default(),
-                    ..AttachConfig::default()
-                };
-                tokio::spawn(tether::attach::run(
-                    cfg,
-                    registry.clone(),
-                    tx,
-                    shutdown.clone(),
-                ));
-                rx
-            })
-            .collect();
-        Fleet {
-            status,
-            _stop: stop,
-        }
-    }
-
-    fn attached(&self) -> usize {
-        self.status.iter().filter(|s| s.borrow().attached).count()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tether::metrics::METRICS;
 use tether::pb::head_service_server::HeadServiceServer;
-use tether::registry::{HeldStream, LeaseInfo, LeaseRefresh, Registry};
+use tether::registry::{HeldStream, LeaseInfo, LeaseRefresh, LoadDigest, Registry};
 use tether::shutdown::Shutdown;
 use tokio::sync::watch;
 use tonic_health::server::HealthReporter;
@@ -42,6 +42,10 @@ pub struct LeaseState {
     excess: AtomicU32,
     /// The registry's heads version, as the last refresh read it.
     heads_version: watch::Sender<u64>,
+    /// This head's load in the registry and the cluster's load digest, as
+    /// the last refresh read them: what the rebalance loop checks the
+    /// balance on without reading every lease.
+    loads: watch::Sender<Option<(u64, LoadDigest)>>,
     /// The state the lease's fields were last written with; `None` until
     /// the first refresh succeeds. A quiet refresh only extends the TTL.
     written: Mutex<Option<&'static str>>,
@@ -57,6 +61,7 @@ impl Default for LeaseState {
             last_ok: Mutex::new(None),
             excess: AtomicU32::new(0),
             heads_version: watch::Sender::new(0),
+            loads: watch::Sender::new(None),
             written: Mutex::new(None),
         }
     }
@@ -87,6 +92,12 @@ impl LeaseState {
     /// lease refreshes.
     pub fn heads_changes(&self) -> watch::Receiver<u64> {
         self.heads_version.subscribe()
+    }
+
+    /// Changes when this head's load or the cluster's load digest does,
+    /// as seen by the lease refreshes.
+    pub fn load_changes(&self) -> watch::Receiver<Option<(u64, LoadDigest)>> {
+        self.loads.subscribe()
     }
 
     /// The state the lease advertises to workers.
@@ -219,6 +230,23 @@ impl LeaseLoop {
                 state.heads_version.send_if_modified(|v| {
                     std::mem::replace(v, refresh.heads_version) != refresh.heads_version
                 });
+                let loads = refresh.loads.map(|d| (refresh.assigned, d));
+                state
+                    .loads
+                    .send_if_modified(|v| std::mem::replace(v, loads) != loads);
+                // This refresh's sweep removed them: this head alone
+                // announces them (see docs/registry.md, the sweep).
+                for gone in &refresh.gone {
+                    info!(head = %lease.head_id, %gone, "a head's lease expired; removed it from the registry");
+                    events.emit(
+                        tether::pb::EventKind::HeadGone,
+                        gone,
+                        "",
+                        0,
+                        "",
+                        "lease expired",
+                    );
+                }
                 for (worker, epoch) in &refresh.fenced {
                     if attached.fence(worker, *epoch) {
                         info!(head = %lease.head_id, %worker, epoch, "worker adopted elsewhere under a newer epoch; closing its stream");

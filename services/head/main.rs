@@ -74,7 +74,9 @@ pub struct Args {
     #[arg(long, env = "TETHER_CAPACITY", default_value = "0")]
     pub capacity: u64,
 
-    /// Workers per second this head may redirect to a newly joined head.
+    /// Workers per second this head may redirect for rebalancing: to a
+    /// newly joined head, or away from this head while it is over the load
+    /// bound.
     #[arg(long, env = "TETHER_REBALANCE_RATE", default_value = "100", value_parser = parse_rate)]
     pub rebalance_rate: f64,
 

@@ -1,23 +1,54 @@
-//! Scale-up without a storm: when a head joins, every other head learns of
-//! it at its next lease refresh (which reads the registry's heads version)
-//! or at the latest within one lease TTL, and redirects
-//! exactly the workers that rendezvous placement now puts on the new head,
-//! at a bounded rate, and never a worker that moved within the cool-down.
+//! Keeps the load even, without a storm and without reading every lease
+//! all the time.
 //!
-//! The registry is read every lease TTL while nothing changes, and every
-//! interval while workers are still to be redirected to a new head:
-//! reading it every interval made up a third of a quiet head's Redis
-//! commands.
+//! Two passes, each time the loop reads the registry:
+//! - **Scale-up.** When a head joins (or restarts), every other head
+//!   redirects exactly the workers that rendezvous placement now puts on
+//!   the new head. A head that joined while this one held no worker (a
+//!   cluster starting up), or that already held half its share when this
+//!   one first saw it, is not new: the workers that attached to it chose
+//!   among all heads already, and moving others to their first choice
+//!   later would be moves for nothing.
+//! - **Continuous balance.** When this head holds more than the load bound
+//!   ceil((1 + ε) W / H) while another ready head holds less than its
+//!   share W / H (a head that was paused, cut off, or whose workers left),
+//!   it hands the excess over, down to its share, to the heads under it.
+//!   Every head over the bound computes the same plan from the same read,
+//!   so two of them do not fill the same empty head twice; the registry's
+//!   own bound refuses what a stale read would overshoot.
+//!
+//! Both redirect make-before-break (reason `REBALANCE`), at most
+//! `--rebalance-rate` a second, and never a worker that attached or was
+//! redirected within `--rebalance-cooldown`, so a worker moves at most
+//! once per cool-down. A cluster within the bound moves nobody: the pass
+//! starts only above the bound and stops at the share.
+//!
+//! **What it reads, and when.** Reading every lease costs three Redis
+//! commands per head, so a head that read them on a timer paid in
+//! proportion to the number of heads. The loop reads them only when:
+//! - the heads version that every lease refresh returns changed (a head
+//!   registered, deregistered, or a sweep found one expired);
+//! - the load digest that every refresh also returns (written by the
+//!   head whose turn it was to sweep, see `REFRESH_LEASE`) says this head
+//!   is over the bound while a ready head is under its share; at most
+//!   once per cool-down;
+//! - workers remain to be moved: again after one interval, or when the
+//!   first of them leaves its cool-down.
+//!
+//! A quiet, balanced cluster therefore reads no lease at all here.
+//! Expired heads are announced (`HEAD_GONE`) by the lease loop of the
+//! head whose sweep removed them, not by this loop.
 
-use crate::attached::Attached;
+use crate::attached::{Attached, Stream};
 use crate::lease::LeaseState;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tether::pb::{Redirect, RedirectReason};
 use tether::placement;
-use tether::registry::Registry;
+use tether::registry::{HeadEntry, LoadDigest, Registry};
 use tether::shutdown::Shutdown;
+use tokio::time::Instant;
 use tracing::{debug, info};
 
 /// How long after a head joins it counts as new, i.e. a rebalance target.
@@ -33,15 +64,15 @@ pub struct Rebalance {
     pub attached: Arc<Attached>,
     pub lease: Arc<LeaseState>,
     pub interval: Duration,
-    /// How often the registry is read while no head is new: the lease TTL,
-    /// within which an expired lease is noticed anyway.
+    /// The least time between two reads that the load digest asks for
+    /// (the cool-down at least: a worker cannot be moved sooner anyway).
     pub quiet_every: Duration,
     /// Workers per second this head may redirect.
     pub rate: f64,
     /// A worker attached or redirected more recently is left alone.
     pub cooldown: Duration,
-    /// To announce heads whose lease expired.
-    pub events: tether::events::Events,
+    /// ε of the load bound, in thousandths.
+    pub slack_permille: u32,
 }
 
 impl Rebalance {
@@ -57,23 +88,44 @@ impl Rebalance {
         let mut budget = 0.0f64;
         let burst = (self.rate * self.interval.as_secs_f64()).max(1.0) * 2.0;
         let mut joined = self.lease.heads_changes();
-        let mut wait = self.interval;
+        let mut loads = self.lease.load_changes();
+        let digest_every = self.quiet_every.max(self.cooldown);
+        // When to read the registry next without being woken: at first
+        // once an interval until the first read; then only while workers
+        // remain to be moved.
+        let mut next_read: Option<Instant> = Some(Instant::now() + self.interval);
         // When the registry was last read.
         let mut previous: Option<Instant> = None;
+        // This head was over the bound at a previous read and has not yet
+        // come down to its share: it keeps giving below the bound.
+        let mut giving = false;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = sleep_until(next_read) => {}
                 Ok(()) = joined.changed() => {}
+                Ok(()) = loads.changed() => {
+                    let digest = *loads.borrow_and_update();
+                    if let Some((_, d)) = digest {
+                        tether::metrics::METRICS.heads_live.set(d.live as i64);
+                    }
+                    let due = previous.is_none_or(|p| p.elapsed() >= digest_every);
+                    if !(due && digest.is_some_and(|(mine, d)| self.digest_unbalanced(mine, d))) {
+                        continue;
+                    }
+                    debug!(head = %self.head_id, ?digest, "rebalance: the load digest says this head is over the bound");
+                }
                 _ = shutdown.wait() => return,
             }
-            wait = self.quiet_every;
+            next_read = None;
             if self.lease.draining() || !self.lease.held() {
+                next_read = Some(Instant::now() + self.interval);
                 continue;
             }
             let heads = match self.registry.live_heads().await {
                 Ok(h) => h,
                 Err(e) => {
                     debug!(error = %e, "rebalance: cannot read the registry");
+                    next_read = Some(Instant::now() + self.interval);
                     continue;
                 }
             };
@@ -85,12 +137,31 @@ impl Rebalance {
                     .map(|h| (h.id.clone(), (None, now, h.started_ms)))
                     .collect()
             });
+            // A head counts as new (a scale-up target) only if it joined
+            // while this head held workers and still held less than half
+            // its share when this head first saw it. One that joined as the
+            // cluster started, or was seen late while workers attached to
+            // it by themselves, has its share already: moving workers to
+            // their first choice then would be moves for nothing.
+            let half_share = {
+                let ready = heads.iter().filter(|h| h.state == "ready").count() as u64;
+                heads.iter().map(|h| h.assigned).sum::<u64>() / ready.max(1) / 2
+            };
+            let holding = self.attached.len() > 0;
             for h in &heads {
+                let fresh = holding && h.assigned < half_share.max(1);
                 match known.get_mut(&h.id) {
                     Some(k) if k.2 == h.started_ms => k.1 = now,
+                    Some(k) if !fresh => *k = (None, now, h.started_ms),
                     Some(k) => {
                         info!(head = %self.head_id, restarted = %h.id, "a head restarted; rebalancing its share to it");
                         *k = (Some(now), now, h.started_ms);
+                    }
+                    // A head that joins while this one holds nobody (the
+                    // cluster is starting) has nothing to take from it:
+                    // workers that attach later find it by themselves.
+                    None if !fresh => {
+                        known.insert(h.id.clone(), (None, now, h.started_ms));
                     }
                     None => {
                         info!(head = %self.head_id, joined = %h.id, "a head joined; rebalancing its share to it");
@@ -98,30 +169,15 @@ impl Rebalance {
                     }
                 }
             }
-            // A head that vanished without saying goodbye: its lease
-            // expired. The live head with the smallest id announces it, so
-            // one event goes out, not one per head.
-            let announcer =
-                heads.iter().map(|h| h.id.as_str()).min() == Some(self.head_id.as_str());
             let since_last_read = previous.map_or(Duration::ZERO, |p| now.duration_since(p));
-            for (id, (_, seen, _)) in known.iter() {
-                // Seen by the previous read, gone from this one.
-                if Some(*seen) == previous && announcer {
-                    self.events.emit(
-                        tether::pb::EventKind::HeadGone,
-                        id,
-                        "",
-                        0,
-                        "",
-                        "lease expired",
-                    );
-                }
-            }
             previous = Some(now);
             known.retain(|_, (_, seen, _)| now.duration_since(*seen) < NEW_HEAD_WINDOW);
-            let ready: Vec<_> = heads.iter().filter(|h| h.state == "ready").collect();
+            let ready: Vec<&HeadEntry> = heads.iter().filter(|h| h.state == "ready").collect();
             let is_new = |id: &str| matches!(known.get(id), Some((Some(t), _, _)) if now.duration_since(*t) < NEW_HEAD_WINDOW);
-            if !ready.iter().any(|h| is_new(&h.id)) {
+            let scale_up = ready.iter().any(|h| is_new(&h.id));
+            let plan = balance_plan(&heads, &self.head_id, self.slack_permille, giving);
+            giving = !plan.is_empty();
+            if !scale_up && plan.is_empty() {
                 budget = 0.0;
                 continue;
             }
@@ -131,47 +187,300 @@ impl Rebalance {
                         .as_secs_f64()
                         .max(self.interval.as_secs_f64()))
             .min(burst);
-            let at = tokio::time::Instant::now();
             let mut streams = self.attached.streams();
             streams.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
-            // Workers placement puts on a new head that were not asked to
-            // move yet (cool-down, rate): while there are any, read again
-            // after one interval rather than one lease TTL.
-            let mut pending = false;
-            for stream in streams {
-                let order =
-                    placement::rendezvous_order(&stream.worker_id, &ready, |h| h.id.as_str());
-                let Some(top) = order.first() else { continue };
-                if top.id == self.head_id || !is_new(&top.id) {
-                    continue;
+            let mut wait = Wait::default();
+
+            // Scale-up: the workers placement puts on a new head.
+            if scale_up {
+                for stream in &streams {
+                    let order =
+                        placement::rendezvous_order(&stream.worker_id, &ready, |h| h.id.as_str());
+                    let Some(top) = order.first() else { continue };
+                    if top.id == self.head_id || !is_new(&top.id) {
+                        continue;
+                    }
+                    // Asked now or later; the next read checks that it went.
+                    wait.pending = true;
+                    if budget < 1.0 {
+                        break;
+                    }
+                    if let Some(until) = self.cooling(stream, now) {
+                        wait.cooling(until);
+                        continue;
+                    }
+                    self.redirect(stream, top, now);
+                    budget -= 1.0;
                 }
-                if budget < 1.0 {
-                    pending = true;
-                    break;
-                }
-                if at.saturating_duration_since(stream.since) < self.cooldown
-                    || stream
-                        .redirected()
-                        .is_some_and(|r| at.saturating_duration_since(r) < self.cooldown)
-                {
-                    pending = true;
-                    continue;
-                }
-                stream.redirect(
-                    Redirect {
-                        reason: RedirectReason::Rebalance as i32,
-                        suggested_head_id: top.id.clone(),
-                        suggested_head_addr: top.addr.clone(),
-                    },
-                    at,
-                );
-                budget -= 1.0;
-                // Asked now; the next read checks that it went.
-                pending = true;
             }
-            if pending {
-                wait = self.interval;
+
+            // Continuous balance: the excess over the share, to the heads
+            // under theirs. Redirects still in flight count as handed over.
+            if !plan.is_empty() {
+                let in_flight = streams
+                    .iter()
+                    .filter(|s| {
+                        s.redirected()
+                            .is_some_and(|r| now.saturating_duration_since(r) < self.cooldown)
+                    })
+                    .count() as u64;
+                let mut left = plan
+                    .iter()
+                    .map(|(_, n)| n)
+                    .sum::<u64>()
+                    .saturating_sub(in_flight);
+                let planned = left;
+                if in_flight > 0 {
+                    wait.pending = true;
+                }
+                let mut eligible: Vec<&Arc<Stream>> = Vec::new();
+                for s in &streams {
+                    match self.cooling(s, now) {
+                        Some(until) => wait.cooling(until),
+                        None => eligible.push(s),
+                    }
+                }
+                'targets: for (target, quota) in &plan {
+                    let target = &heads[*target];
+                    // The workers that weigh the target highest go first,
+                    // so a later scale-up finds them where placement wants.
+                    eligible.sort_by_key(|s| {
+                        std::cmp::Reverse(placement::weight(&s.worker_id, &target.id))
+                    });
+                    let mut give = (*quota).min(left);
+                    while give > 0 && !eligible.is_empty() {
+                        if budget < 1.0 {
+                            wait.pending = true;
+                            break 'targets;
+                        }
+                        let stream = eligible.remove(0);
+                        self.redirect(stream, target, now);
+                        budget -= 1.0;
+                        give -= 1;
+                        left -= 1;
+                    }
+                }
+                let asked = planned - left;
+                if asked > 0 {
+                    info!(head = %self.head_id, asked, in_flight, plan = ?plan.iter().map(|(t, n)| (heads[*t].id.as_str(), n)).collect::<Vec<_>>(), "over the load bound; redirecting workers to heads under their share");
+                }
+                if left > 0 {
+                    wait.pending = true;
+                }
+            }
+            next_read = wait.next(now, self.interval);
+        }
+    }
+
+    /// Whether the digest says this head (`mine` workers in the registry)
+    /// is over the load bound while a ready head is under its share.
+    fn digest_unbalanced(&self, mine: u64, d: LoadDigest) -> bool {
+        d.ready >= 2
+            && mine > placement::load_bound(d.assigned, d.ready, self.slack_permille)
+            && d.least < d.assigned / d.ready
+    }
+
+    /// Until when `stream` is in its cool-down, if it is.
+    fn cooling(&self, stream: &Stream, now: Instant) -> Option<Instant> {
+        let last = match stream.redirected() {
+            Some(r) if r > stream.since => r,
+            _ => stream.since,
+        };
+        let until = last + self.cooldown;
+        (until > now).then_some(until)
+    }
+
+    /// Asks the worker of `stream` to move to `to`, make-before-break.
+    fn redirect(&self, stream: &Stream, to: &HeadEntry, now: Instant) {
+        stream.redirect(
+            Redirect {
+                reason: RedirectReason::Rebalance as i32,
+                suggested_head_id: to.id.clone(),
+                suggested_head_addr: to.addr.clone(),
+            },
+            now,
+        );
+    }
+}
+
+/// When the loop should read again on its own, from what one pass left.
+#[derive(Debug, Default)]
+struct Wait {
+    /// Workers remain to be moved (or to be seen gone).
+    pending: bool,
+    /// The first time a cooling worker may be moved.
+    first_free: Option<Instant>,
+}
+
+impl Wait {
+    fn cooling(&mut self, until: Instant) {
+        self.pending = true;
+        self.first_free = Some(self.first_free.map_or(until, |f| f.min(until)));
+    }
+
+    /// After one interval, or when the first cooling worker is free if
+    /// that is later; `None` when nothing is left to move.
+    fn next(&self, now: Instant, interval: Duration) -> Option<Instant> {
+        if !self.pending {
+            return None;
+        }
+        let soonest = now + interval;
+        Some(self.first_free.map_or(soonest, |f| f.max(soonest)))
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What this head hands over to restore the balance: (index into `heads`,
+/// workers) for each head under its share, empty unless this head is over
+/// the load bound, or `giving` (it was over the bound at a previous read)
+/// and still above its share.
+///
+/// W counts the workers of every live head (as `ASSIGN` does), H the
+/// ready ones. A head over the bound gives down to ceil(W/H) (and keeps
+/// giving, `giving`, once under the bound until it is there); heads under
+/// floor(W/H) take up to ceil(W/H). The takers' room is split among the
+/// heads above ceil(W/H) in id order, so every head computes the same
+/// split from the same read and two givers do not fill one taker twice.
+/// Takers end at most at ceil(W/H), within the bound, so they never give
+/// back: no flapping.
+pub fn balance_plan(
+    heads: &[HeadEntry],
+    me: &str,
+    slack_permille: u32,
+    giving: bool,
+) -> Vec<(usize, u64)> {
+    let total: u64 = heads.iter().map(|h| h.assigned).sum();
+    let mut ready: Vec<usize> = (0..heads.len())
+        .filter(|i| heads[*i].state == "ready")
+        .collect();
+    let count = ready.len() as u64;
+    if count < 2 {
+        return Vec::new();
+    }
+    ready.sort_by(|a, b| heads[*a].id.cmp(&heads[*b].id));
+    let bound = placement::load_bound(total, count, slack_permille);
+    let (low, high) = (total / count, total.div_ceil(count));
+    let mut takers: Vec<(usize, u64)> = ready
+        .iter()
+        .filter(|i| heads[**i].assigned < low)
+        .map(|i| (*i, high - heads[*i].assigned))
+        .collect();
+    let mut plan = Vec::new();
+    let Some(mine) = heads.iter().find(|h| h.id == me) else {
+        return Vec::new();
+    };
+    if !(mine.assigned > bound || (giving && mine.assigned > high)) {
+        return Vec::new();
+    }
+    // The room is split among every head above its share, whether it
+    // gives now or not: each head's slice then depends on the read alone,
+    // so heads that give do not fill the same room twice (a head that
+    // does not give leaves its slice empty).
+    for giver in ready.iter().filter(|i| heads[**i].assigned > high) {
+        let mut excess = heads[*giver].assigned - high;
+        for (taker, room) in takers.iter_mut() {
+            let n = excess.min(*room);
+            if n == 0 {
+                continue;
+            }
+            *room -= n;
+            excess -= n;
+            if heads[*giver].id == me {
+                plan.push((*taker, n));
             }
         }
+        if heads[*giver].id == me {
+            break;
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(id: &str, state: &str, assigned: u64) -> HeadEntry {
+        HeadEntry {
+            id: id.into(),
+            addr: format!("{id}:1"),
+            state: state.into(),
+            assigned,
+            started_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_balanced_cluster_hands_nothing_over() {
+        let heads = [
+            head("a", "ready", 12),
+            head("b", "ready", 8),
+            head("c", "ready", 10),
+        ];
+        for me in ["a", "b", "c"] {
+            assert!(balance_plan(&heads, me, 250, false).is_empty(), "{me}");
+        }
+    }
+
+    #[test]
+    fn heads_over_the_bound_fill_an_empty_head_once_between_them() {
+        // The case: W 24, H 3, bound 10, share 8.
+        let heads = [
+            head("h1", "ready", 10),
+            head("h2", "ready", 0),
+            head("h3", "ready", 14),
+        ];
+        assert!(
+            balance_plan(&heads, "h1", 250, false).is_empty(),
+            "h1 is at the bound"
+        );
+        assert!(balance_plan(&heads, "h2", 250, false).is_empty());
+        assert_eq!(balance_plan(&heads, "h3", 250, false), vec![(1, 6)]);
+        // Two givers split the room instead of each filling it.
+        let heads = [
+            head("a", "ready", 15),
+            head("b", "ready", 0),
+            head("c", "ready", 15),
+        ];
+        let a = balance_plan(&heads, "a", 250, false);
+        let c = balance_plan(&heads, "c", 250, false);
+        assert_eq!((a.clone(), c.clone()), (vec![(1, 5)], vec![(1, 5)]));
+    }
+
+    #[test]
+    fn draining_and_stale_heads_neither_give_nor_take() {
+        let heads = [
+            head("a", "ready", 20),
+            head("b", "draining", 0),
+            head("c", "stale", 0),
+            head("d", "ready", 0),
+        ];
+        assert_eq!(balance_plan(&heads, "a", 250, false), vec![(3, 10)]);
+        assert!(balance_plan(&heads, "b", 250, false).is_empty());
+    }
+
+    #[test]
+    fn a_giver_keeps_giving_below_the_bound_down_to_its_share_and_no_further() {
+        // W 30, H 3: bound 13, share 10. At 12 a head is within the bound:
+        // it starts nothing, but finishes what it started.
+        let heads = [
+            head("a", "ready", 12),
+            head("b", "ready", 6),
+            head("c", "ready", 12),
+        ];
+        assert!(balance_plan(&heads, "a", 250, false).is_empty());
+        assert_eq!(balance_plan(&heads, "a", 250, true), vec![(1, 2)]);
+        let heads = [
+            head("a", "ready", 10),
+            head("b", "ready", 8),
+            head("c", "ready", 12),
+        ];
+        assert!(balance_plan(&heads, "a", 250, true).is_empty());
     }
 }

@@ -95,7 +95,7 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
             quiet_every: args.lease_ttl.max(args.heartbeat_interval),
             rate: args.rebalance_rate,
             cooldown: args.rebalance_cooldown,
-            events: events.clone(),
+            slack_permille,
         }
         .run(stopping.clone()),
     );

@@ -9,6 +9,9 @@
 //! | `{ns}:assigned:<head>`       | hash   | worker id -> `epoch|instance|state|addr` of the workers assigned to that head; TTL = the lease |
 //! | `{ns}:fence:<head>`          | list   | `epoch:worker` of workers taken from the head; TTL = the lease |
 //! | `{ns}:epoch`                 | string | counter that hands out every epoch             |
+//! | `{ns}:heads-version`         | string | counter bumped when a head joins or leaves     |
+//! | `{ns}:sweep`                 | string | whose turn it is to sweep; TTL = a lease TTL   |
+//! | `{ns}:loads`                 | string | the last sweep's load digest; TTL = 3 lease TTLs |
 //!
 //! A worker's assignment lives in its head's `assigned` hash, not in a key
 //! of its own: it expires with the head's lease, so a head that dies
@@ -85,6 +88,20 @@ impl Keys {
     pub fn heads_version(&self) -> String {
         format!("{}:heads-version", self.prefix)
     }
+
+    /// The sweep turn: the head whose refresh sets it (`SET NX`, for one
+    /// lease TTL) sweeps the registry for expired heads and writes the
+    /// load digest, so the cluster as a whole reads every lease once a
+    /// TTL, not once per head.
+    pub fn sweep(&self) -> String {
+        format!("{}:sweep", self.prefix)
+    }
+
+    /// The load digest the last sweep wrote (`W R least live`), which
+    /// every refresh reads back in the same `MGET` as the heads version.
+    pub fn loads(&self) -> String {
+        format!("{}:loads", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -101,6 +118,8 @@ mod tests {
             k.fence("h{2}"),
             k.epoch(),
             k.heads_version(),
+            k.sweep(),
+            k.loads(),
         ] {
             assert!(key.starts_with("{tether}:"), "{key}");
         }

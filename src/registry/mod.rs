@@ -126,6 +126,42 @@ pub struct LeaseRefresh {
     /// Workers that other heads adopted since the last refresh, with their
     /// new epochs: the head must close its streams of older epochs.
     pub fenced: Vec<(String, u64)>,
+    /// The cluster's loads as the last sweep counted them (at most a lease
+    /// TTL old); `None` before the first sweep, or if it expired.
+    pub loads: Option<LoadDigest>,
+    /// Heads whose lease expired and that this refresh's sweep removed
+    /// from the registry: this head, and no other, announces them.
+    pub gone: Vec<String>,
+}
+
+/// The cluster's loads in four numbers, written by the head whose turn it
+/// was to sweep and read back by every refresh at no extra command: enough
+/// for a head to tell whether it is over the load bound while another
+/// head is under its share, without reading every lease.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadDigest {
+    /// W: workers assigned to live heads.
+    pub assigned: u64,
+    /// Heads that are `ready` (neither draining nor stale).
+    pub ready: u64,
+    /// The smallest load of a ready head.
+    pub least: u64,
+    /// Live heads, whatever their state.
+    pub live: u64,
+}
+
+impl LoadDigest {
+    /// Parses `W R least live`, as the sweep writes it.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut it = text.split_ascii_whitespace().map(|n| n.parse::<u64>());
+        let mut next = || it.next()?.ok();
+        Some(Self {
+            assigned: next()?,
+            ready: next()?,
+            least: next()?,
+            live: next()?,
+        })
+    }
 }
 
 /// A worker's request to be adopted, with the head's placement policy.
@@ -315,12 +351,16 @@ impl Registry {
             .key(k.assigned(&lease.head_id))
             .key(k.fence(&lease.head_id))
             .key(k.heads_version())
+            .key(k.loads())
+            .key(k.sweep())
             .arg(&lease.head_id)
             .arg(&lease.addr)
             .arg(lease.ttl.as_millis() as u64)
             .arg(lease.started_ms)
             .arg(state)
-            .arg(if write { "1" } else { "0" });
+            .arg(if write { "1" } else { "0" })
+            .arg(k.head_prefix())
+            .arg(k.assigned_prefix());
         let reply: Vec<redis::Value> = self
             .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
@@ -328,6 +368,16 @@ impl Registry {
         let existed = items.next().map(number).transpose()?.unwrap_or(0) == 1;
         let heads_version = items.next().map(number).transpose()?.unwrap_or(0);
         let assigned = items.next().map(number).transpose()?.unwrap_or(0);
+        let loads = items
+            .next()
+            .map(text)
+            .transpose()?
+            .and_then(|d| LoadDigest::parse(&d));
+        let gone: Vec<String> = match items.next() {
+            Some(v) => redis::from_redis_value_ref(v)
+                .map_err(|e| RegistryError::Protocol(e.to_string()))?,
+            None => Vec::new(),
+        };
         let mut fenced = Vec::new();
         for item in items {
             let entry = text(item)?;
@@ -346,6 +396,8 @@ impl Registry {
             heads_version,
             assigned,
             fenced,
+            loads,
+            gone,
         })
     }
 

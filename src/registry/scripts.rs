@@ -59,24 +59,39 @@ fn with_lib(body: &str) -> Script {
     Script::new(&format!("{LIB}\n{body}"))
 }
 
-/// Creates or refreshes a head's lease, and hands the head the fencing
-/// notices other heads left for it (see [`ASSIGN`]).
+/// Creates or refreshes a head's lease, hands the head the fencing
+/// notices other heads left for it (see [`ASSIGN`]), and, when it is the
+/// head's turn, sweeps the registry for expired heads.
 ///
-/// KEYS: head hash, heads set, the head's assignment hash, the head's
-/// fence list, the heads version counter.
-/// ARGV: head id, addr, lease ms, started ms, state, write (`1`: write
-/// the lease's fields even though it exists: the process's first refresh,
-/// or a new state).
-/// Returns `{existed, heads version, assigned, fence...}`: existed is 1 if
-/// the lease still existed (a refresh), 0 if it was created; assigned is
-/// how many workers the registry counts for the head; each fence entry is
-/// `epoch:worker`.
+/// The sweep is what keeps a head's Redis cost independent of the number
+/// of heads: one head at a time (whichever refresh first finds
+/// `{ns}:sweep` free, `SET NX` for one lease TTL) reads every lease,
+/// removes the ids whose lease expired from the heads set (bumping the
+/// heads version, so that every head notices at its next refresh) and
+/// writes the load digest that every other refresh reads back in the same
+/// `MGET` as the heads version.
+///
+/// KEYS: 1 head hash, 2 heads set, 3 the head's assignment hash, 4 the
+/// head's fence list, 5 the heads version counter, 6 the load digest,
+/// 7 the sweep turn.
+/// ARGV: 1 head id, 2 addr, 3 lease ms, 4 started ms, 5 state, 6 write
+/// (`1`: write the lease's fields even though it exists: the process's
+/// first refresh, or a new state), 7 head key prefix, 8 assignment-hash
+/// key prefix.
+/// Returns `{existed, heads version, assigned, digest, {gone...},
+/// fence...}`: existed is 1 if the lease still existed (a refresh), 0 if
+/// it was created; assigned is how many workers the registry counts for
+/// the head; digest is `W R least live` (workers assigned to live heads,
+/// ready heads, the least load of a ready head, live heads) or empty;
+/// gone are the expired heads this call removed (this head announces
+/// them); each fence entry is `epoch:worker`.
 pub static REFRESH_LEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_lib(
         r#"
--- Runs once an interval per head: a quiet refresh is PEXPIRE, PEXPIRE,
--- GET, HLEN and LRANGE. PEXPIRE answers 0 when the lease is gone.
-local existed, version = 1, nil
+-- Runs once an interval per head: a quiet refresh is PEXPIRE, MGET,
+-- PEXPIRE, HLEN, SET NX and LRANGE. PEXPIRE answers 0 when the lease is
+-- gone.
+local existed, version, digest = 1, nil, nil
 local function write()
   redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3])
 end
@@ -84,8 +99,8 @@ if redis.call('PEXPIRE', KEYS[1], ARGV[3]) == 0 then
   existed = 0
   write()
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  -- The id leaves the heads set only once its lease expired (LIVE_HEADS
-  -- prunes it) or at deregistration, which is when it is created again.
+  -- The id leaves the heads set only once a sweep found its lease
+  -- expired, or at deregistration.
   redis.call('SADD', KEYS[2], ARGV[1])
   version = redis.call('INCR', KEYS[5])
 else
@@ -98,11 +113,43 @@ else
   if restarted then
     version = redis.call('INCR', KEYS[5])
   else
-    version = tonumber(redis.call('GET', KEYS[5]) or '0')
+    local both = redis.call('MGET', KEYS[5], KEYS[6])
+    version = tonumber(both[1] or '0')
+    digest = both[2] or ''
   end
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
-local out = {existed, version, redis.call('HLEN', KEYS[3])}
+local assigned = redis.call('HLEN', KEYS[3])
+local gone = {}
+if redis.call('SET', KEYS[7], ARGV[1], 'NX', 'PX', ARGV[3]) then
+  -- This head's turn to sweep: every lease, once per lease TTL for the
+  -- whole cluster. W and the ready heads are counted as ASSIGN counts them.
+  local total, ready, live, least = 0, 0, 0, -1
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    local state = head_state(ARGV[7] .. id)
+    if state then
+      local load = redis.call('HLEN', ARGV[8] .. id)
+      live = live + 1
+      total = total + load
+      if state == 'ready' then
+        ready = ready + 1
+        if least < 0 or load < least then least = load end
+      end
+    else
+      -- Removed here and only here (or by DEREGISTER), atomically: the
+      -- head whose sweep removes an id is the one that announces it.
+      redis.call('SREM', KEYS[2], id)
+      table.insert(gone, id)
+    end
+  end
+  if #gone > 0 then version = redis.call('INCR', KEYS[5]) end
+  if least < 0 then least = 0 end
+  digest = string.format('%d %d %d %d', total, ready, least, live)
+  redis.call('SET', KEYS[6], digest, 'PX', 3 * tonumber(ARGV[3]))
+elseif not digest then
+  digest = redis.call('GET', KEYS[6]) or ''
+end
+local out = {existed, version, assigned, digest, gone}
 local fenced = redis.call('LRANGE', KEYS[4], 0, -1)
 if #fenced > 0 then
   redis.call('DEL', KEYS[4])
@@ -129,26 +176,33 @@ return 1
     )
 });
 
-/// Lists live heads and prunes ids whose lease expired.
+/// Lists live heads. Reads only: an id whose lease expired is skipped,
+/// and left for the sweep in [`REFRESH_LEASE`] to remove and announce (a
+/// worker running this could not announce it).
 ///
 /// KEYS: heads set. ARGV: head key prefix, assignment-hash key prefix.
 /// Returns a flat list: id, addr, state (`ready`, `draining` or `stale`),
-/// assigned workers, start time (Unix ms), for each head.
+/// assigned workers, start time (Unix ms), for each head. Three commands
+/// per head (`HMGET`, `PTTL`, `HLEN`).
 pub static LIVE_HEADS: LazyLock<Script> = LazyLock::new(|| {
-    with_lib(
+    Script::new(
         r#"
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[1] .. id
-  local state, addr = head_state(key)
-  if state then
+  local h = redis.call('HMGET', key, 'state', 'ttl_ms', 'addr', 'started_ms')
+  if h[1] then
+    local state = h[1]
+    local ttl = tonumber(h[2] or '0')
+    local pttl = redis.call('PTTL', key)
+    if state == 'ready' and ttl > 0 and pttl >= 0 and pttl < ttl / 2 then
+      state = 'stale'
+    end
     table.insert(out, id)
-    table.insert(out, addr or '')
+    table.insert(out, h[3] or '')
     table.insert(out, state)
     table.insert(out, redis.call('HLEN', ARGV[2] .. id))
-    table.insert(out, redis.call('HGET', key, 'started_ms') or '0')
-  else
-    redis.call('SREM', KEYS[1], id)
+    table.insert(out, h[4] or '0')
   end
 end
 return out

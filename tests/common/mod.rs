@@ -289,3 +289,81 @@ pub fn assignment_epoch(value: &[u8]) -> Option<u64> {
 pub fn assigned_key(head: &str) -> String {
     format!("{{tether}}:assigned:{head}")
 }
+
+/// `n` workers in this process: the library's attach loop, the one
+/// `tether-worker` runs, as tether-bench's simulated fleet does, each over
+/// its own connection. Cheaper than `n` worker processes on a small
+/// machine. Stops them when dropped.
+pub struct Fleet {
+    status: Vec<tokio::sync::watch::Receiver<tether::attach::Snapshot>>,
+    _stop: tether::shutdown::ShutdownTrigger,
+}
+
+impl Fleet {
+    /// Starts workers `w-00000`... against the registry at `redis_url`.
+    pub fn start(redis_url: &str, n: usize) -> Fleet {
+        let registry = tether::registry::Registry::new(redis_url, "tether", 8).expect("registry");
+        let (stop, shutdown) = tether::shutdown::channel();
+        let status = (0..n)
+            .map(|i| {
+                let (tx, rx) = tokio::sync::watch::channel(tether::attach::Snapshot::default());
+                let cfg = tether::attach::AttachConfig {
+                    worker_id: format!("w-{i:05}"),
+                    connect_timeout: Duration::from_secs(5),
+                    backoff_base: Duration::from_millis(100),
+                    backoff_max: Duration::from_secs(1),
+                    security: tether::security::ClientSecurity::default(),
+                    ..tether::attach::AttachConfig::default()
+                };
+                tokio::spawn(tether::attach::run(
+                    cfg,
+                    registry.clone(),
+                    tx,
+                    shutdown.clone(),
+                ));
+                rx
+            })
+            .collect();
+        Fleet {
+            status,
+            _stop: stop,
+        }
+    }
+
+    /// How many workers are attached now.
+    pub fn attached(&self) -> usize {
+        self.status.iter().filter(|s| s.borrow().attached).count()
+    }
+
+    /// Each worker's (head, epoch, reassignments, attached), by worker id.
+    pub fn placements(&self) -> BTreeMap<String, (String, u64, u64, bool)> {
+        self.status
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let s = s.borrow();
+                (
+                    format!("w-{i:05}"),
+                    (s.head_id.clone(), s.epoch, s.reassignments, s.attached),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Redis's count of calls per command so far (`INFO commandstats`,
+/// commands inside scripts included), without `info` itself.
+pub fn command_calls(redis: &tether::localcluster::RedisServer) -> BTreeMap<String, u64> {
+    let text = match ok(redis.command(&["INFO", "commandstats"])) {
+        tether::localcluster::Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+        other => panic!("INFO commandstats answered {other:?}"),
+    };
+    text.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|f| f.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .filter(|(name, _)| name != "info")
+        .collect()
+}
