@@ -2,16 +2,20 @@
 //! Redis: a head that was paused past its lease gets its share back once
 //! it resumes (not only a head that joins), and a cluster that is already
 //! within the load bound moves nobody and reads Redis at a rate that does
-//! not grow with the number of heads (issue 12, items 2 and 3).
+//! not grow with the number of heads (issue 12, items 2 and 3). And with
+//! no head reading every lease any more, a crashed head is still announced
+//! gone, once, by the head whose sweep removed it.
 //!
-//! Both measure time and last about 80 s each, so they run one at a time.
+//! They measure time (the first two last about 80 s each), so they run
+//! one at a time.
 
 mod common;
 
 use common::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use tether::localcluster::{wait_serving, wait_until, Probe};
+use tether::localcluster::{head_client, wait_serving, wait_until, Probe};
+use tether::pb::{EventKind, WatchEventsRequest};
 use tether::placement::load_bound;
 use tokio::sync::Mutex;
 
@@ -237,5 +241,42 @@ async fn a_steady_cluster_of_4_heads_and_200_workers_moves_nobody_for_60s_at_10_
     assert!(
         per_head <= 10.0,
         "each head sent {per_head:.2} Redis commands a second (goal ≤ 10): {calls:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_head_is_announced_gone_exactly_once_by_the_sweep_that_removes_it() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = start_cluster(3, 0).await;
+    let addr = cluster.process("head-0").expect("a head").addr;
+    let mut events = head_client(addr)
+        .watch_events(WatchEventsRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("WatchEvents: {e}"))
+        .into_inner();
+    ok(cluster.process_mut("head-2").expect("a head").kill());
+    let killed_at = Instant::now();
+
+    // The lease (1 s) expires, then a sweep (one per lease TTL) removes
+    // it: well within 4 s.
+    let mut gone = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    while let Ok(Ok(Some(e))) = tokio::time::timeout_at(deadline, events.message()).await {
+        if e.kind == EventKind::HeadGone as i32 {
+            gone.push((killed_at.elapsed(), e.head_id, e.detail));
+        }
+    }
+    eprintln!("HEAD_GONE events after SIGKILL of head-2: {gone:?}");
+    assert_eq!(
+        gone.iter()
+            .map(|(_, h, d)| (h.as_str(), d.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("head-2", "lease expired")],
+        "expected exactly one HEAD_GONE for head-2; got {gone:?}"
+    );
+    let heads = ok(cluster.redis().command(&["SMEMBERS", "{tether}:heads"]));
+    assert!(
+        !format!("{heads:?}").contains("head-2"),
+        "head-2 still in the heads set: {heads:?}"
     );
 }
