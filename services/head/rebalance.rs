@@ -4,11 +4,9 @@
 //! Two passes, each time the loop reads the registry:
 //! - **Scale-up.** When a head joins (or restarts), every other head
 //!   redirects exactly the workers that rendezvous placement now puts on
-//!   the new head. A head that joined while this one held no worker (a
-//!   cluster starting up), or that already held half its share when this
-//!   one first saw it, is not new: the workers that attached to it chose
-//!   among all heads already, and moving others to their first choice
-//!   later would be moves for nothing.
+//!   the new head, among the workers that attached before it joined: one
+//!   that attached later (a cluster starting, workers attaching while
+//!   heads join) chose among all heads already.
 //! - **Continuous balance.** When this head holds more than the load bound
 //!   ceil((1 + ε) W / H) while another ready head holds less than its
 //!   share W / H (a head that was paused, cut off, or whose workers left),
@@ -137,31 +135,12 @@ impl Rebalance {
                     .map(|h| (h.id.clone(), (None, now, h.started_ms)))
                     .collect()
             });
-            // A head counts as new (a scale-up target) only if it joined
-            // while this head held workers and still held less than half
-            // its share when this head first saw it. One that joined as the
-            // cluster started, or was seen late while workers attached to
-            // it by themselves, has its share already: moving workers to
-            // their first choice then would be moves for nothing.
-            let half_share = {
-                let ready = heads.iter().filter(|h| h.state == "ready").count() as u64;
-                heads.iter().map(|h| h.assigned).sum::<u64>() / ready.max(1) / 2
-            };
-            let holding = self.attached.len() > 0;
             for h in &heads {
-                let fresh = holding && h.assigned < half_share.max(1);
                 match known.get_mut(&h.id) {
                     Some(k) if k.2 == h.started_ms => k.1 = now,
-                    Some(k) if !fresh => *k = (None, now, h.started_ms),
                     Some(k) => {
                         info!(head = %self.head_id, restarted = %h.id, "a head restarted; rebalancing its share to it");
                         *k = (Some(now), now, h.started_ms);
-                    }
-                    // A head that joins while this one holds nobody (the
-                    // cluster is starting) has nothing to take from it:
-                    // workers that attach later find it by themselves.
-                    None if !fresh => {
-                        known.insert(h.id.clone(), (None, now, h.started_ms));
                     }
                     None => {
                         info!(head = %self.head_id, joined = %h.id, "a head joined; rebalancing its share to it");
@@ -198,6 +177,16 @@ impl Rebalance {
                         placement::rendezvous_order(&stream.worker_id, &ready, |h| h.id.as_str());
                     let Some(top) = order.first() else { continue };
                     if top.id == self.head_id || !is_new(&top.id) {
+                        continue;
+                    }
+                    // A worker that attached after the new head registered
+                    // chose among all heads already (a cluster starting,
+                    // workers attaching while heads join): moving it to its
+                    // first choice would be a move for nothing. This head
+                    // notices a join within an interval (the heads version
+                    // of its next refresh); two leave a margin.
+                    let joined = known.get(&top.id).and_then(|k| k.0).unwrap_or(now);
+                    if stream.since + self.interval * 2 > joined {
                         continue;
                     }
                     // Asked now or later; the next read checks that it went.
