@@ -38,15 +38,15 @@ end
 -- A lease whose TTL ran down past half belongs to a head that is probably
 -- gone (crashed, hung, cut off): "stale", tried last and not counted.
 local function head_state(key)
-  local h = redis.call('HMGET', key, 'state', 'ttl_ms', 'addr')
-  if not h[1] then return nil, nil end
+  local h = redis.call('HMGET', key, 'state', 'ttl_ms', 'addr', 'started_ms')
+  if not h[1] then return nil, nil, nil end
   local state = h[1]
   local ttl = tonumber(h[2] or '0')
   local pttl = redis.call('PTTL', key)
   if state == 'ready' and ttl > 0 and pttl >= 0 and pttl < ttl / 2 then
     state = 'stale'
   end
-  return state, h[3]
+  return state, h[3], h[4]
 end
 -- The epoch counter as a string, seeded from `seed` when Redis lost it
 -- (fresh, restarted or flushed), far above any epoch handed out before.
@@ -140,13 +140,13 @@ pub static LIVE_HEADS: LazyLock<Script> = LazyLock::new(|| {
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[1] .. id
-  local state, addr = head_state(key)
+  local state, addr, started = head_state(key)
   if state then
     table.insert(out, id)
     table.insert(out, addr or '')
     table.insert(out, state)
     table.insert(out, redis.call('HLEN', ARGV[2] .. id))
-    table.insert(out, redis.call('HGET', key, 'started_ms') or '0')
+    table.insert(out, started or '0')
   else
     redis.call('SREM', KEYS[1], id)
   end
