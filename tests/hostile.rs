@@ -855,16 +855,27 @@ async fn idle_connections_cannot_fill_the_bound_and_are_closed_after_the_handsha
         cluster.process("head-0").expect("a head").log_tail(20)
     );
 
-    // Every idle connection is closed by the head (EOF or reset).
+    // Every idle connection is closed by the head (EOF or reset). The
+    // head may send its own HTTP/2 settings first: read past them.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let mut open_after_deadline = 0;
     let mut last_closed = Duration::ZERO;
     for s in &mut idle {
-        let mut byte = [0u8; 1];
-        match tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read(s, &mut byte)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => last_closed = last_closed.max(opened.elapsed()),
-            Ok(Ok(_)) => {}
-            Err(_) => open_after_deadline += 1,
+        let mut bytes = [0u8; 256];
+        loop {
+            match tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read(s, &mut bytes))
+                .await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    last_closed = last_closed.max(opened.elapsed());
+                    break;
+                }
+                Ok(Ok(_)) => continue,
+                Err(_) => {
+                    open_after_deadline += 1;
+                    break;
+                }
+            }
         }
     }
     assert_eq!(
