@@ -165,7 +165,9 @@ mod tests {
         assert!(check_lease_ttl(Duration::from_millis(1), Duration::ZERO).is_ok());
         let err = check_lease_ttl(s(2), s(1)).unwrap_err();
         assert!(
-            err.starts_with("--lease-ttl (2s) must be at least 2.5 x --heartbeat-interval (1s) = 2.5s"),
+            err.starts_with(
+                "--lease-ttl (2s) must be at least 2.5 x --heartbeat-interval (1s) = 2.5s"
+            ),
             "{err}"
         );
     }

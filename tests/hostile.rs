@@ -879,8 +879,7 @@ async fn idle_connections_cannot_fill_the_bound_and_are_closed_after_the_handsha
         }
     }
     assert_eq!(
-        open_after_deadline,
-        0,
+        open_after_deadline, 0,
         "{open_after_deadline} of {IDLE} idle connections still open 15 s after they were opened"
     );
     let fds_after = fds(pid);

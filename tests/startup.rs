@@ -145,7 +145,11 @@ async fn a_second_head_under_a_live_heads_id_exits_2_and_a_restart_after_a_crash
     let mut args = vec!["--id", "head-0", "--listen", &listen, "--redis-url", &url];
     args.extend_from_slice(HEAD_ARGS);
     let started = std::time::Instant::now();
-    let out = ok(run_to_exit(&binaries().head, &args, Duration::from_secs(10)));
+    let out = ok(run_to_exit(
+        &binaries().head,
+        &args,
+        Duration::from_secs(10),
+    ));
     let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
@@ -165,7 +169,10 @@ async fn a_second_head_under_a_live_heads_id_exits_2_and_a_restart_after_a_crash
     );
     let health = tether::localcluster::health_check(first, HEAD_SERVICE).await;
     assert!(
-        matches!(health, Ok(tonic_health::pb::health_check_response::ServingStatus::Serving)),
+        matches!(
+            health,
+            Ok(tonic_health::pb::health_check_response::ServingStatus::Serving)
+        ),
         "the first head-0 is no longer ready: {health:?}"
     );
     eprintln!("a second head-0 exited 2 after {took:?}: {}", errors[0]);

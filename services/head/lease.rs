@@ -165,7 +165,13 @@ impl LeaseLoop {
                 return LeaseEnd::Stopped;
             }
             self.refresh_once(&mut failures).await;
-            if let Some(end) = self.state.verdict.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            if let Some(end) = self
+                .state
+                .verdict
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+            {
                 return end;
             }
             tokio::select! {
@@ -184,7 +190,10 @@ impl LeaseLoop {
     /// while its own lease had lapsed: give way.
     fn foreign_lease(&self, sent: Instant, addr: String, pttl_ms: i64) {
         let LeaseLoop {
-            lease, state, every, ..
+            lease,
+            state,
+            every,
+            ..
         } = self;
         let mut verdict = state.verdict.lock().unwrap_or_else(|e| e.into_inner());
         if verdict.is_some() {
@@ -196,7 +205,10 @@ impl LeaseLoop {
             return;
         }
         let left = u64::try_from(pttl_ms).map_or(lease.ttl, Duration::from_millis);
-        let mut since = state.foreign_since.lock().unwrap_or_else(|e| e.into_inner());
+        let mut since = state
+            .foreign_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         match *since {
             None => {
                 // The margin covers this call's own latency: the lease ran
