@@ -86,6 +86,29 @@ impl Timing {
     }
 }
 
+/// Lease TTLs shorter than this many heartbeat intervals are refused.
+///
+/// The registry counts a head as `stale` (tried last, not counted as live)
+/// once its lease has run down past half its TTL (`pttl < ttl / 2`, see
+/// `LIVE_HEADS`). A head refreshes once every interval plus the refresh's
+/// own latency, so just before a refresh its lease has `ttl - interval`
+/// left: with a TTL under 2 intervals a healthy head counts as stale for
+/// part of every interval. Half an interval more leaves room for a late
+/// refresh (a loaded machine, a slow Redis) before the head looks gone.
+pub const MIN_LEASE_INTERVALS: f64 = 2.5;
+
+/// Checks `--lease-ttl` against `--heartbeat-interval`; see
+/// [`MIN_LEASE_INTERVALS`].
+pub fn check_lease_ttl(lease_ttl: Duration, interval: Duration) -> Result<(), String> {
+    let least = interval.mul_f64(MIN_LEASE_INTERVALS);
+    if lease_ttl < least {
+        return Err(format!(
+            "--lease-ttl ({lease_ttl:?}) must be at least {MIN_LEASE_INTERVALS} x --heartbeat-interval ({interval:?}) = {least:?}: a head whose lease has run down past half counts as stale, so a shorter lease marks healthy heads stale between refreshes"
+        ));
+    }
+    Ok(())
+}
+
 /// A default id for a process that was not given one: host name and pid,
 /// unique on a machine and readable in logs.
 pub fn default_id(prefix: &str) -> String {
@@ -132,6 +155,21 @@ mod tests {
         assert!(parse_redis_url("redis://127.0.0.1:6379").is_ok());
         let err = parse_redis_url("http://user:secret@host").unwrap_err();
         assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn lease_must_outlive_two_and_a_half_intervals() {
+        let s = Duration::from_secs;
+        assert!(check_lease_ttl(s(3), s(1)).is_ok());
+        assert!(check_lease_ttl(Duration::from_millis(2500), s(1)).is_ok());
+        assert!(check_lease_ttl(Duration::from_millis(1), Duration::ZERO).is_ok());
+        let err = check_lease_ttl(s(2), s(1)).unwrap_err();
+        assert!(
+            err.starts_with(
+                "--lease-ttl (2s) must be at least 2.5 x --heartbeat-interval (1s) = 2.5s"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

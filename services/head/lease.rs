@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tether::metrics::METRICS;
 use tether::pb::head_service_server::HeadServiceServer;
-use tether::registry::{HeldStream, LeaseInfo, LeaseRefresh, Registry};
+use tether::registry::{HeldStream, LeaseInfo, LeaseRefresh, Registry, RegistryError};
 use tether::shutdown::Shutdown;
 use tokio::sync::watch;
 use tonic_health::server::HealthReporter;
@@ -45,6 +45,34 @@ pub struct LeaseState {
     /// The state the lease's fields were last written with; `None` until
     /// the first refresh succeeds. A quiet refresh only extends the TTL.
     written: Mutex<Option<&'static str>>,
+    /// Set by the first successful refresh: from then on a lease that
+    /// names another process means this one was displaced.
+    registered: AtomicBool,
+    /// Before the first success: when a refresh first found the id's lease
+    /// held by another process, and when that lease would have run out
+    /// had nobody refreshed it since.
+    foreign_since: Mutex<Option<(Instant, Instant)>>,
+    /// Why the lease loop must end, once it must.
+    verdict: Mutex<Option<LeaseEnd>>,
+}
+
+/// Why the lease loop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// Shutdown was asked for.
+    Stopped,
+    /// Another live process holds this head id; this one never held it
+    /// and must not start (exit 2).
+    IdInUse {
+        /// Where that process serves.
+        addr: String,
+    },
+    /// This process's lease lapsed and another process took the id
+    /// meanwhile: this one must go (exit 1), so that one head serves it.
+    Displaced {
+        /// Where that process serves.
+        addr: String,
+    },
 }
 
 impl Default for LeaseState {
@@ -58,6 +86,9 @@ impl Default for LeaseState {
             excess: AtomicU32::new(0),
             heads_version: watch::Sender::new(0),
             written: Mutex::new(None),
+            registered: AtomicBool::new(false),
+            foreign_since: Mutex::new(None),
+            verdict: Mutex::new(None),
         }
     }
 }
@@ -127,17 +158,70 @@ pub struct LeaseLoop {
 impl LeaseLoop {
     /// Refreshes the lease every `every` until `shutdown`. Does not
     /// deregister: the caller does that at the right moment of shutdown.
-    pub async fn run(&self, mut shutdown: Shutdown) {
+    pub async fn run(&self, mut shutdown: Shutdown) -> LeaseEnd {
         let mut failures = 0u64;
         loop {
             if shutdown.is_triggered() {
-                return;
+                return LeaseEnd::Stopped;
             }
             self.refresh_once(&mut failures).await;
+            if let Some(end) = self
+                .state
+                .verdict
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+            {
+                return end;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(self.every) => {}
-                _ = shutdown.wait() => return,
+                _ = shutdown.wait() => return LeaseEnd::Stopped,
             }
+        }
+    }
+
+    /// A refresh found the id's lease held by another process (sent at
+    /// `sent`). Before this process ever held the lease, that may be a
+    /// crashed predecessor whose lease still runs (an orchestrator restarts
+    /// a head at once): wait until that lease would have run out, plus one
+    /// interval, and refuse to start only if it is still there, i.e. it was
+    /// refreshed meanwhile. After this process held it, the id was taken
+    /// while its own lease had lapsed: give way.
+    fn foreign_lease(&self, sent: Instant, addr: String, pttl_ms: i64) {
+        let LeaseLoop {
+            lease,
+            state,
+            every,
+            ..
+        } = self;
+        let mut verdict = state.verdict.lock().unwrap_or_else(|e| e.into_inner());
+        if verdict.is_some() {
+            return;
+        }
+        if state.registered.load(Ordering::Relaxed) {
+            error!(head = %lease.head_id, other = %addr, "another tether-head process took head id {} (at {addr}) while this one's lease had lapsed; exiting so that one head serves the id", lease.head_id);
+            *verdict = Some(LeaseEnd::Displaced { addr });
+            return;
+        }
+        let left = u64::try_from(pttl_ms).map_or(lease.ttl, Duration::from_millis);
+        let mut since = state
+            .foreign_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match *since {
+            None => {
+                // The margin covers this call's own latency: the lease ran
+                // out `left` after Redis ran it, a little after `sent`.
+                let lapse = sent + left + *every + Duration::from_millis(250);
+                *since = Some((sent, lapse));
+                warn!(head = %lease.head_id, other = %addr, left = ?left, "head id {} is held by another process at {addr}; waiting until its lease would have lapsed before refusing to start", lease.head_id);
+            }
+            Some((_, lapse)) if sent >= lapse => {
+                error!(head = %lease.head_id, other = %addr, "head id {} is in use: another live tether-head at {addr} keeps refreshing its lease; refusing to start (give every head its own --id)", lease.head_id);
+                *verdict = Some(LeaseEnd::IdInUse { addr });
+            }
+            Some(_) => {}
         }
     }
 
@@ -226,6 +310,15 @@ impl LeaseLoop {
                 }
                 state.suspended.store(false, Ordering::Relaxed);
                 state.held.store(true, Ordering::Relaxed);
+                state.registered.store(true, Ordering::Relaxed);
+                if let Some((first, _)) = state
+                    .foreign_since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                {
+                    info!(head = %lease.head_id, waited = ?first.elapsed(), "the other process's lease of this head id lapsed; taking the id");
+                }
                 self.tidy(&refresh).await;
                 if !was_held {
                     info!(head = %lease.head_id, addr = %lease.addr, ttl = ?lease.ttl, "registered in the registry");
@@ -241,6 +334,10 @@ impl LeaseLoop {
                     }
                 }
                 *failures = 0;
+            }
+            Err(RegistryError::LeaseHeldElsewhere { addr, pttl_ms }) => {
+                state.held.store(false, Ordering::Relaxed);
+                self.foreign_lease(sent, addr, pttl_ms);
             }
             Err(e) => {
                 *failures += 1;

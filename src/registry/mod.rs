@@ -58,6 +58,14 @@ pub enum RegistryError {
         /// The address the other process reported in its `Reassign`.
         worker_addr: String,
     },
+    /// The head's lease names another process (see `REFRESH_LEASE`).
+    #[error("the lease of this head id is held by another process at {addr} ({pttl_ms} ms left)")]
+    LeaseHeldElsewhere {
+        /// The address that process advertises.
+        addr: String,
+        /// What is left of its lease, in milliseconds.
+        pttl_ms: i64,
+    },
     /// Redis answered with something this version does not understand.
     #[error("unexpected registry reply: {0}")]
     Protocol(String),
@@ -162,6 +170,9 @@ pub struct LeaseInfo {
     pub ttl: Duration,
     /// When the head started, Unix milliseconds.
     pub started_ms: i64,
+    /// A random token naming this head process, so that a second process
+    /// under the same id is told apart from this one's own refreshes.
+    pub instance: String,
 }
 
 /// A handle to the registry: a connection pool and the key layout.
@@ -320,7 +331,8 @@ impl Registry {
             .arg(lease.ttl.as_millis() as u64)
             .arg(lease.started_ms)
             .arg(state)
-            .arg(if write { "1" } else { "0" });
+            .arg(if write { "1" } else { "0" })
+            .arg(&lease.instance);
         let reply: Vec<redis::Value> = self
             .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
@@ -555,6 +567,14 @@ fn classify(e: redis::RedisError) -> RegistryError {
         Some("CAPACITY") => {
             let (load, capacity) = two_numbers();
             return RegistryError::AtCapacity { load, capacity };
+        }
+        Some("FOREIGN") => {
+            let detail = e.detail().unwrap_or("");
+            let (pttl, addr) = detail.split_once(' ').unwrap_or((detail, ""));
+            return RegistryError::LeaseHeldElsewhere {
+                addr: addr.to_owned(),
+                pttl_ms: pttl.parse().unwrap_or(-1),
+            };
         }
         Some("HELD") => {
             let detail = e.detail().unwrap_or("");

@@ -66,19 +66,30 @@ fn with_lib(body: &str) -> Script {
 /// fence list, the heads version counter.
 /// ARGV: head id, addr, lease ms, started ms, state, write (`1`: write
 /// the lease's fields even though it exists: the process's first refresh,
-/// or a new state).
+/// or a new state), instance (a random token naming the head process).
 /// Returns `{existed, heads version, assigned, fence...}`: existed is 1 if
 /// the lease still existed (a refresh), 0 if it was created; assigned is
 /// how many workers the registry counts for the head; each fence entry is
 /// `epoch:worker`.
+///
+/// Fails with `FOREIGN pttl addr`, touching nothing, when the lease names
+/// another instance: a second process under this head id, or one that
+/// took the id while this process's lease had lapsed. The head decides
+/// (see `services/head/lease.rs`): wait for a crashed predecessor's lease
+/// to run out, or refuse to start.
 pub static REFRESH_LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- Runs once an interval per head: a quiet refresh is PEXPIRE, PEXPIRE,
--- GET, HLEN and LRANGE. PEXPIRE answers 0 when the lease is gone.
+-- Runs once an interval per head: a quiet refresh is HGET, PEXPIRE,
+-- PEXPIRE, GET, HLEN and LRANGE. PEXPIRE answers 0 when the lease is gone.
+local holder = redis.call('HGET', KEYS[1], 'instance')
+if holder and holder ~= '' and holder ~= ARGV[7] then
+  local addr = redis.call('HGET', KEYS[1], 'addr') or ''
+  return redis.error_reply(string.format('FOREIGN %d ', redis.call('PTTL', KEYS[1])) .. addr)
+end
 local existed, version = 1, nil
 local function write()
-  redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3])
+  redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3], 'instance', ARGV[7])
 end
 if redis.call('PEXPIRE', KEYS[1], ARGV[3]) == 0 then
   existed = 0
