@@ -234,59 +234,75 @@ async fn a_pause_shorter_than_the_timeout_moves_workers_whose_last_beat_was_olde
     let workers: Vec<Member> = cluster.workers().map(Member::from).collect();
     let mut probe = Probe::new();
     let before = settle(&mut probe, &heads, &workers, START_TIMEOUT).await;
-    let (victim, orphans) = busiest(&before);
-    let witness = orphans
-        .keys()
-        .next()
-        .expect("the busiest head has a worker")
-        .clone();
-    let witness_addr = workers
-        .iter()
-        .find(|w| w.id == witness)
-        .expect("a worker")
-        .addr;
+    let mut before = before;
+    // On a loaded machine the stop can land just after the head's beat
+    // went out; then nobody heard silence for the timeout, nobody may
+    // move, and the attempt proves nothing: try again (at most 3 times).
+    for attempt in 1..=3 {
+        let (victim, orphans) = busiest(&before);
+        let witness = orphans
+            .keys()
+            .next()
+            .expect("the busiest head has a worker")
+            .clone();
+        let witness_addr = workers
+            .iter()
+            .find(|w| w.id == witness)
+            .expect("a worker")
+            .addr;
 
-    // Stop the head once its next beat is due within 400 ms.
-    let mut age = 0;
-    let due = wait_until(
-        Duration::from_secs(5),
-        Duration::from_millis(5),
-        async || {
-            age = probe
-                .worker_status(witness_addr)
-                .await
-                .map_or(0, |s| s.last_head_beat_age_ms);
-            age >= 600
-        },
-    )
-    .await;
-    assert!(
-        due,
-        "{witness}'s last beat never got 600 ms old (last seen {age} ms)"
-    );
-    ok(cluster.process_mut(&victim).expect("a head").stop());
-    let stopped = Instant::now();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    ok(cluster.process_mut(&victim).expect("a head").cont());
-    let paused = stopped.elapsed();
-    assert!(
-        paused < Duration::from_millis(1500),
-        "the pause lasted {paused:?}, not shorter than the 1.5 s timeout: it proves nothing"
-    );
+        // Stop the head once its next beat is due within 400 ms.
+        let mut age = 0;
+        let due = wait_until(
+            Duration::from_secs(5),
+            Duration::from_millis(5),
+            async || {
+                age = probe
+                    .worker_status(witness_addr)
+                    .await
+                    .map_or(0, |s| s.last_head_beat_age_ms);
+                age >= 600
+            },
+        )
+        .await;
+        assert!(
+            due,
+            "{witness}'s last beat never got 600 ms old (last seen {age} ms)"
+        );
+        ok(cluster.process_mut(&victim).expect("a head").stop());
+        let stopped = Instant::now();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        ok(cluster.process_mut(&victim).expect("a head").cont());
+        let paused = stopped.elapsed();
+        assert!(
+            paused < Duration::from_millis(1500),
+            "the pause lasted {paused:?}, not shorter than the 1.5 s timeout: it proves nothing"
+        );
 
-    let after = settle(&mut probe, &heads, &workers, Duration::from_secs(10)).await;
-    let moved: Vec<&String> = orphans
-        .iter()
-        .filter(|(w, epoch)| after.status(w).is_some_and(|s| s.epoch > **epoch))
-        .map(|(w, _)| w)
-        .collect();
-    eprintln!(
-        "{victim} stopped {paused:?} (timeout 1.5 s, interval 1 s) with its workers' last beat {age} ms old: {} of {} moved",
-        moved.len(),
-        orphans.len()
-    );
-    assert!(
-        moved.contains(&&witness),
-        "{witness} heard nothing for about {age} ms + {paused:?}, more than the 1.5 s timeout, yet did not move:\nbefore:\n{before}\nafter:\n{after}"
-    );
+        let after = settle(&mut probe, &heads, &workers, Duration::from_secs(10)).await;
+        let moved: Vec<&String> = orphans
+            .iter()
+            .filter(|(w, epoch)| after.status(w).is_some_and(|s| s.epoch > **epoch))
+            .map(|(w, _)| w)
+            .collect();
+        eprintln!(
+            "attempt {attempt}: {victim} stopped {paused:?} (timeout 1.5 s, interval 1 s) with {witness}'s last beat {age} ms old: {} of {} moved",
+            moved.len(),
+            orphans.len()
+        );
+        // Whoever stayed never heard a silence as long as the timeout:
+        // silence is what moves a worker, not the pause.
+        for (w, _) in orphans.iter().filter(|(w, _)| !moved.contains(w)) {
+            let gap = after.status(w).map_or(0, |s| s.max_head_beat_gap_ms);
+            assert!(
+                gap < 1500,
+                "{w} heard nothing for {gap} ms, more than the timeout, yet did not move:\nbefore:\n{before}\nafter:\n{after}"
+            );
+        }
+        if !moved.is_empty() {
+            return;
+        }
+        before = after;
+    }
+    panic!("in 3 attempts, a pause under the timeout never moved a worker whose last beat was old");
 }
