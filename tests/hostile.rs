@@ -496,16 +496,7 @@ async fn thousands_of_connections_do_not_disturb_attached_workers() {
 
 /// Every key in Redis, sorted.
 fn all_keys(cluster: &Cluster) -> BTreeSet<String> {
-    match ok(cluster.redis().command(&["KEYS", "*"])) {
-        Reply::Array(Some(keys)) => keys
-            .into_iter()
-            .map(|k| match k {
-                Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
-                other => panic!("KEYS returned {other:?}"),
-            })
-            .collect(),
-        other => panic!("KEYS returned {other:?}"),
-    }
+    string_set("KEYS *", ok(cluster.redis().command(&["KEYS", "*"])))
 }
 
 #[tokio::test]
@@ -575,20 +566,9 @@ async fn worker_ids_shaped_like_redis_patterns_touch_only_their_own_keys() {
         "Redis keys after the workers attached\n{view}"
     );
     for h in &heads {
-        let set = format!("{{tether}}:assigned:{}", h.id);
-        let mut members: Vec<String> = match ok(cluster.redis().command(&["HKEYS", &set])) {
-            Reply::Array(Some(m)) => m
-                .into_iter()
-                .filter_map(|r| match r {
-                    Reply::Bulk(Some(b)) => Some(String::from_utf8_lossy(&b).into_owned()),
-                    _ => None,
-                })
-                .collect(),
-            other => panic!("HKEYS {set}: {other:?}"),
-        };
-        members.sort();
-        let mut want = view.workers_of(&h.id);
-        want.sort();
+        let set = assigned_key(&h.id);
+        let members = string_set("HKEYS", ok(cluster.redis().command(&["HKEYS", &set])));
+        let want: BTreeSet<String> = view.workers_of(&h.id).into_iter().collect();
         assert_eq!(members, want, "{set}\n{view}");
     }
 

@@ -289,3 +289,23 @@ pub fn assignment_epoch(value: &[u8]) -> Option<u64> {
 pub fn assigned_key(head: &str) -> String {
     format!("{{tether}}:assigned:{head}")
 }
+
+/// The strings of a Redis array reply (`KEYS`, `HKEYS`, `SMEMBERS`), or a
+/// panic naming `what` for any other reply.
+#[allow(dead_code)]
+pub fn string_set(
+    what: &str,
+    reply: tether::localcluster::Reply,
+) -> std::collections::BTreeSet<String> {
+    use tether::localcluster::Reply;
+    match reply {
+        Reply::Array(Some(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+                other => panic!("{what} answered an item {other:?}"),
+            })
+            .collect(),
+        other => panic!("{what} answered {other:?}"),
+    }
+}
