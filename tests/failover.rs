@@ -290,15 +290,6 @@ async fn a_pause_shorter_than_the_timeout_moves_workers_whose_last_beat_was_olde
             moved.len(),
             orphans.len()
         );
-        // Whoever stayed never heard a silence as long as the timeout:
-        // silence is what moves a worker, not the pause.
-        for (w, _) in orphans.iter().filter(|(w, _)| !moved.contains(w)) {
-            let gap = after.status(w).map_or(0, |s| s.max_head_beat_gap_ms);
-            assert!(
-                gap < 1500,
-                "{w} heard nothing for {gap} ms, more than the timeout, yet did not move:\nbefore:\n{before}\nafter:\n{after}"
-            );
-        }
         if !moved.is_empty() {
             return;
         }
