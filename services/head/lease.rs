@@ -120,6 +120,12 @@ impl LeaseState {
         self.heads_version.subscribe()
     }
 
+    /// The registry's heads version as the last refresh read it; 0 before
+    /// the first. Sent in every `HeadBeat`.
+    pub fn heads_version(&self) -> u64 {
+        *self.heads_version.borrow()
+    }
+
     /// The state the lease advertises to workers.
     pub fn advertised_state(&self) -> &'static str {
         if self.draining() {

@@ -5,6 +5,7 @@
 mod attached;
 mod beat;
 mod drain;
+mod heads_view;
 mod heartbeat;
 mod lease;
 mod rebalance;

@@ -128,6 +128,11 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
         stopping,
         closing,
         events: events.clone(),
+        heads: Arc::new(crate::heads_view::HeadsView::new(
+            registry.clone(),
+            lease_state.heads_changes(),
+            args.lease_ttl,
+        )),
     };
     let head_service = HeadServiceServer::new(svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
