@@ -778,7 +778,8 @@ impl Cluster {
     }
 
     /// Spawns a head or worker with `--id id`, `--listen 127.0.0.1:PORT`
-    /// on a free port, `--redis-url` of this cluster's Redis, then
+    /// on a free port, `--redis-url` of this cluster's Redis (not for a
+    /// worker whose `extra_args` hold `--heads`), then
     /// `extra_args` (timings, for example), and waits until it accepts
     /// connections, so its address is final when this returns.
     ///
@@ -848,10 +849,15 @@ impl Cluster {
                 command.env_remove(key);
             }
         }
-        let child = command
+        command
             .args(["--id", id])
-            .args(["--listen", &addr.to_string()])
-            .args(["--redis-url", &self.redis.url()])
+            .args(["--listen", &addr.to_string()]);
+        // A worker told where the heads are gets no Redis address, as in
+        // a deployment that keeps Redis to the heads.
+        if !(role == Role::Worker && extra_args.contains(&"--heads")) {
+            command.args(["--redis-url", &self.redis.url()]);
+        }
+        let child = command
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(out)
