@@ -190,3 +190,160 @@ fn python_worker_refuses_a_bad_heads_flag_with_exit_2() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("is not host:port"), "{err}");
 }
+
+/// A small deterministic generator for the fault schedule (splitmix64).
+struct Seeded(u64);
+
+impl Seeded {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        (tether::placement::mix(self.0) % n as u64) as usize
+    }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Kill,
+    Pause,
+    Terminate,
+    NewHead,
+}
+
+/// Rust and Python workers, each knowing one bootstrap head and no Redis,
+/// through a seeded schedule of SIGKILL, SIGSTOP/SIGCONT, SIGTERM and a
+/// new head. After each fault every worker of the affected head must be
+/// attached elsewhere within the same bound, Python or Rust, and the whole
+/// cluster must settle (each worker on exactly one live head, which lists
+/// it at the epoch the worker reports).
+///
+/// Scaled for a two-core CI machine: 4 heads, 8 Rust and 4 Python workers
+/// by default. `TETHER_MIXED_RUST`, `TETHER_MIXED_PYTHON` and
+/// `TETHER_MIXED_SEED` change it (the full size is 40 and 20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_and_python_workers_ride_out_a_seeded_fault_schedule_alike() {
+    let rust_n = env_usize("TETHER_MIXED_RUST", 8);
+    let python_n = env_usize("TETHER_MIXED_PYTHON", 4);
+    let seed = env_usize("TETHER_MIXED_SEED", 13) as u64;
+    println!("mixed chaos: {rust_n} Rust + {python_n} Python workers, seed {seed}");
+    let stubs = stubs();
+    let mut cluster = cluster();
+    start_heads(&mut cluster, 4).await;
+    let head_addrs: Vec<String> = cluster.heads().map(|h| h.addr.to_string()).collect();
+    for i in 0..rust_n {
+        let boot = head_addrs[i % head_addrs.len()].clone();
+        let args = [&["--heads", boot.as_str()][..], WORKER_ARGS].concat();
+        ok(cluster.spawn_worker(&format!("rust-{i:02}"), &args));
+    }
+    let pys: Vec<PyWorker> = (0..python_n)
+        .map(|i| {
+            PyWorker::spawn(
+                &cluster,
+                &stubs,
+                &format!("py-{i:02}"),
+                &head_addrs[(i + 1) % head_addrs.len()],
+            )
+        })
+        .collect();
+    let mut workers: Vec<Member> = cluster.workers().map(Member::from).collect();
+    workers.extend(pys.iter().map(PyWorker::member));
+    let mut probe = Probe::new();
+    let live = |cluster: &Cluster, gone: &[String]| -> Vec<Member> {
+        cluster
+            .heads()
+            .filter(|h| !gone.contains(&h.id))
+            .map(Member::from)
+            .collect()
+    };
+    let mut gone: Vec<String> = Vec::new();
+    let mut view = settle(&mut probe, &live(&cluster, &gone), &workers, START_TIMEOUT).await;
+
+    let mut rng = Seeded(seed);
+    let mut schedule = vec![Fault::Kill, Fault::Pause, Fault::Terminate, Fault::NewHead];
+    for i in (1..schedule.len()).rev() {
+        schedule.swap(i, rng.below(i + 1));
+    }
+    let mut times: Vec<(bool, Fault, Duration)> = Vec::new();
+    let mut next_head = 4;
+    for fault in schedule {
+        let heads = live(&cluster, &gone);
+        if let Fault::NewHead = fault {
+            let id = head_id(next_head);
+            next_head += 1;
+            ok(cluster.spawn_head(&id, HEAD_ARGS));
+            let addr = cluster.process(&id).unwrap().addr;
+            ok(wait_serving(addr, HEAD_SERVICE, START_TIMEOUT).await);
+            println!("fault {fault:?}: {id} joined");
+            view = settle(&mut probe, &live(&cluster, &gone), &workers, START_TIMEOUT).await;
+            continue;
+        }
+        // The victim: a live head that holds workers, chosen by the seed.
+        let loaded: Vec<&Member> = heads
+            .iter()
+            .filter(|h| !view.workers_of(&h.id).is_empty())
+            .collect();
+        let victim = loaded[rng.below(loaded.len())].id.clone();
+        let moving = view.workers_of(&victim);
+        let at = Instant::now();
+        let process = cluster.process_mut(&victim).unwrap();
+        match fault {
+            Fault::Kill => ok(process.kill()),
+            Fault::Pause => ok(process.stop()),
+            Fault::Terminate => ok(process.terminate()),
+            Fault::NewHead => unreachable!(),
+        }
+        println!("fault {fault:?} on {victim}: {} workers to move", moving.len());
+        let mut pending: Vec<&Member> = workers.iter().filter(|w| moving.contains(&w.id)).collect();
+        while !pending.is_empty() && at.elapsed() < REATTACH_TIMEOUT {
+            let mut still = Vec::new();
+            for w in pending {
+                match probe.worker_status(w.addr).await {
+                    Ok(s) if s.attached && s.head_id != victim => {
+                        times.push((w.id.starts_with("py-"), fault, at.elapsed()))
+                    }
+                    _ => still.push(w),
+                }
+            }
+            pending = still;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let stuck: Vec<&str> = pending.iter().map(|w| w.id.as_str()).collect();
+        assert!(stuck.is_empty(), "not re-attached within {REATTACH_TIMEOUT:?} after {fault:?} on {victim}: {stuck:?}");
+        match fault {
+            Fault::Pause => {
+                // Back after its workers left: it must not take them back
+                // as its own, nor list them.
+                ok(cluster.process_mut(&victim).unwrap().cont());
+            }
+            _ => gone.push(victim.clone()),
+        }
+        if let Fault::Terminate = fault {
+            let exited = cluster.process_mut(&victim).unwrap().wait_exit(START_TIMEOUT);
+            assert!(exited.is_some(), "{victim} did not exit after its drain");
+        }
+        view = settle(&mut probe, &live(&cluster, &gone), &workers, START_TIMEOUT).await;
+    }
+    let summary = |python: bool| {
+        let mut t: Vec<Duration> = times.iter().filter(|x| x.0 == python).map(|x| x.2).collect();
+        t.sort();
+        (t.len(), t.get(t.len() / 2).copied(), t.last().copied())
+    };
+    let (rn, rmed, rmax) = summary(false);
+    let (pn, pmed, pmax) = summary(true);
+    println!("re-attach Rust: n={rn} median={rmed:?} max={rmax:?}; Python: n={pn} median={pmed:?} max={pmax:?}");
+    for (python, fault, t) in &times {
+        println!("  {} {fault:?} {t:?}", if *python { "python" } else { "rust" });
+    }
+    // Same bound: every move above was within REATTACH_TIMEOUT for both;
+    // and the slowest Python move is within one second of the slowest
+    // Rust one (an interpreter, not a protocol difference).
+    if let (Some(r), Some(p)) = (rmax, pmax) {
+        assert!(p <= r + Duration::from_secs(1), "Python workers re-attach slower: max {p:?} against Rust {r:?}");
+    }
+}
