@@ -12,11 +12,11 @@
 //! simulated workers behave exactly alike.
 
 use crate::backoff::{Backoff, Jitter};
+use crate::discovery::Discovery;
 use crate::metrics::METRICS;
 use crate::pb::head_service_client::HeadServiceClient;
 use crate::pb::{HeadBeat, ReassignReason, ReassignRequest, Redirect, RedirectReason, WorkerBeat};
 use crate::placement;
-use crate::discovery::Discovery;
 use crate::registry::HeadEntry;
 use crate::security::ClientSecurity;
 use crate::shutdown::Shutdown;

@@ -112,7 +112,8 @@ pub fn check_lease_ttl(lease_ttl: Duration, interval: Duration) -> Result<(), St
 /// Checks one `--heads` entry: `host:port`, a DNS name or an IP address
 /// (IPv6 in brackets) and a port from 1 to 65535, without a scheme.
 pub fn parse_head_addr(text: &str) -> Result<String, String> {
-    let bad = || format!("{text:?} is not host:port (for example head-1.example:7070 or 10.0.0.5:7070)");
+    let bad =
+        || format!("{text:?} is not host:port (for example head-1.example:7070 or 10.0.0.5:7070)");
     let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
     let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
     let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
@@ -148,10 +149,25 @@ mod tests {
 
     #[test]
     fn head_addresses_must_be_host_port() {
-        for good in ["h:7070", "10.0.0.5:1", "[::1]:7070", "head-1.tether.svc:7070"] {
+        for good in [
+            "h:7070",
+            "10.0.0.5:1",
+            "[::1]:7070",
+            "head-1.tether.svc:7070",
+        ] {
             assert_eq!(parse_head_addr(good).as_deref(), Ok(good));
         }
-        for bad in ["h", "h:", ":7070", "h:0", "h:70000", "http://h:7070", "h:x", "[::1:7070", "a b:1"] {
+        for bad in [
+            "h",
+            "h:",
+            ":7070",
+            "h:0",
+            "h:70000",
+            "http://h:7070",
+            "h:x",
+            "[::1:7070",
+            "a b:1",
+        ] {
             assert!(parse_head_addr(bad).is_err(), "{bad} was accepted");
         }
     }

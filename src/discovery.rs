@@ -154,8 +154,7 @@ impl Discovery {
                 push(entry.clone());
                 continue;
             }
-            match tokio::time::timeout(cfg.connect_timeout, tokio::net::lookup_host(entry)).await
-            {
+            match tokio::time::timeout(cfg.connect_timeout, tokio::net::lookup_host(entry)).await {
                 Ok(Ok(resolved)) => resolved.for_each(|a| push(a.to_string())),
                 _ => push(entry.clone()),
             }
@@ -175,7 +174,11 @@ impl Discovery {
     }
 
     /// `ListHeads` on the head at `addr`.
-    async fn list_at(&self, cfg: &AttachConfig, addr: &str) -> Result<(Vec<HeadEntry>, u64), String> {
+    async fn list_at(
+        &self,
+        cfg: &AttachConfig,
+        addr: &str,
+    ) -> Result<(Vec<HeadEntry>, u64), String> {
         let channel = cfg
             .security
             .endpoint(addr)?

@@ -469,8 +469,13 @@ fn kubernetes_heads_advertise_the_pod_ip_probe_health_and_outlast_their_drain() 
     let service = heads.split(':').next().unwrap();
     let peers = parts
         .iter()
-        .find(|p| p.value("kind").as_deref() == Some("Service") && p.value("name").as_deref() == Some(service))
-        .unwrap_or_else(|| panic!("workers bootstrap from {heads}, but no Service {service} exists"));
+        .find(|p| {
+            p.value("kind").as_deref() == Some("Service")
+                && p.value("name").as_deref() == Some(service)
+        })
+        .unwrap_or_else(|| {
+            panic!("workers bootstrap from {heads}, but no Service {service} exists")
+        });
     assert!(
         peers.contains("clusterIP: None"),
         "{}: {service} must be headless so its name resolves to every head",
@@ -536,7 +541,9 @@ fn compose_heads_outlast_their_drain_and_workers_can_scale() {
     for entry in heads.split(',') {
         let host = entry.split(':').next().unwrap();
         assert!(
-            parts.iter().any(|p| p.contains(&format!("aliases: [{host}]"))),
+            parts
+                .iter()
+                .any(|p| p.contains(&format!("aliases: [{host}]"))),
             "workers bootstrap from {entry}, which no head has as an alias"
         );
     }

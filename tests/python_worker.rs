@@ -18,7 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tether::localcluster::{free_port, run_to_exit, wait_serving, wait_until, Cluster, Probe};
 
-const INSTALL: &str = "python3 -m pip install -r examples/python/requirements.txt (or `make test-deps`)";
+const INSTALL: &str =
+    "python3 -m pip install -r examples/python/requirements.txt (or `make test-deps`)";
 
 /// Bound on a worker re-attaching after its head died or hung: the
 /// heartbeat timeout (600 ms) plus retries, generous for a loaded
@@ -129,7 +130,11 @@ async fn reattached(addr: SocketAddr, from: &str, log: impl Fn() -> String) -> (
         ok
     })
     .await;
-    assert!(done, "not re-attached away from {from} within {REATTACH_TIMEOUT:?}: {last:?}\n{}", log());
+    assert!(
+        done,
+        "not re-attached away from {from} within {REATTACH_TIMEOUT:?}: {last:?}\n{}",
+        log()
+    );
     (last.unwrap().head_id, t.elapsed())
 }
 
@@ -145,7 +150,12 @@ async fn python_worker_attaches_fails_over_and_follows_a_drain_make_before_break
     let view = settle(&mut probe, &heads, &[py.member()], START_TIMEOUT).await;
     let first = view.status("py-worker-1").unwrap().head_id.clone();
     let health = probe.health(py.addr, WORKER_SERVICE).await;
-    assert_eq!(health.ok(), Some(tonic_health::pb::health_check_response::ServingStatus::Serving), "{}", py.log_tail());
+    assert_eq!(
+        health.ok(),
+        Some(tonic_health::pb::health_check_response::ServingStatus::Serving),
+        "{}",
+        py.log_tail()
+    );
 
     // Its head dies: it re-attaches elsewhere (knowing only head-0 at
     // start: when head-0 is the one killed, from its last list).
@@ -158,10 +168,21 @@ async fn python_worker_attaches_fails_over_and_follows_a_drain_make_before_break
     ok(cluster.process_mut(&second).unwrap().terminate());
     let (third, took) = reattached(py.addr, &second, || py.log_tail()).await;
     let s = probe.worker_status(py.addr).await.expect("Status");
-    println!("python worker drained {second} -> {third} in {took:?}, max beat gap {} ms", s.max_head_beat_gap_ms);
-    assert!(s.max_head_beat_gap_ms < 600, "the drain left a gap: {s:?}\n{}", py.log_tail());
+    println!(
+        "python worker drained {second} -> {third} in {took:?}, max beat gap {} ms",
+        s.max_head_beat_gap_ms
+    );
+    assert!(
+        s.max_head_beat_gap_ms < 600,
+        "the drain left a gap: {s:?}\n{}",
+        py.log_tail()
+    );
     assert!(s.reassignments >= 2, "{s:?}");
-    assert!(py.log_tail().contains("asks us to move"), "{}", py.log_tail());
+    assert!(
+        py.log_tail().contains("asks us to move"),
+        "{}",
+        py.log_tail()
+    );
     let rest: Vec<Member> = cluster
         .heads()
         .filter(|h| h.id == third)
@@ -175,7 +196,10 @@ fn python_worker_refuses_a_bad_heads_flag_with_exit_2() {
     let out = run_to_exit(
         Path::new("python3"),
         &[
-            repo().join("examples/python/tether_worker.py").to_str().unwrap(),
+            repo()
+                .join("examples/python/tether_worker.py")
+                .to_str()
+                .unwrap(),
             "--heads",
             "nohost",
             "--id",
@@ -298,7 +322,10 @@ async fn rust_and_python_workers_ride_out_a_seeded_fault_schedule_alike() {
             Fault::Terminate => ok(process.terminate()),
             Fault::NewHead => unreachable!(),
         }
-        println!("fault {fault:?} on {victim}: {} workers to move", moving.len());
+        println!(
+            "fault {fault:?} on {victim}: {} workers to move",
+            moving.len()
+        );
         let mut pending: Vec<&Member> = workers.iter().filter(|w| moving.contains(&w.id)).collect();
         while !pending.is_empty() && at.elapsed() < REATTACH_TIMEOUT {
             let mut still = Vec::new();
@@ -314,7 +341,10 @@ async fn rust_and_python_workers_ride_out_a_seeded_fault_schedule_alike() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let stuck: Vec<&str> = pending.iter().map(|w| w.id.as_str()).collect();
-        assert!(stuck.is_empty(), "not re-attached within {REATTACH_TIMEOUT:?} after {fault:?} on {victim}: {stuck:?}");
+        assert!(
+            stuck.is_empty(),
+            "not re-attached within {REATTACH_TIMEOUT:?} after {fault:?} on {victim}: {stuck:?}"
+        );
         match fault {
             Fault::Pause => {
                 // Back after its workers left: it must not take them back
@@ -324,13 +354,20 @@ async fn rust_and_python_workers_ride_out_a_seeded_fault_schedule_alike() {
             _ => gone.push(victim.clone()),
         }
         if let Fault::Terminate = fault {
-            let exited = cluster.process_mut(&victim).unwrap().wait_exit(START_TIMEOUT);
+            let exited = cluster
+                .process_mut(&victim)
+                .unwrap()
+                .wait_exit(START_TIMEOUT);
             assert!(exited.is_some(), "{victim} did not exit after its drain");
         }
         view = settle(&mut probe, &live(&cluster, &gone), &workers, START_TIMEOUT).await;
     }
     let summary = |python: bool| {
-        let mut t: Vec<Duration> = times.iter().filter(|x| x.0 == python).map(|x| x.2).collect();
+        let mut t: Vec<Duration> = times
+            .iter()
+            .filter(|x| x.0 == python)
+            .map(|x| x.2)
+            .collect();
         t.sort();
         (t.len(), t.get(t.len() / 2).copied(), t.last().copied())
     };
@@ -338,12 +375,18 @@ async fn rust_and_python_workers_ride_out_a_seeded_fault_schedule_alike() {
     let (pn, pmed, pmax) = summary(true);
     println!("re-attach Rust: n={rn} median={rmed:?} max={rmax:?}; Python: n={pn} median={pmed:?} max={pmax:?}");
     for (python, fault, t) in &times {
-        println!("  {} {fault:?} {t:?}", if *python { "python" } else { "rust" });
+        println!(
+            "  {} {fault:?} {t:?}",
+            if *python { "python" } else { "rust" }
+        );
     }
     // Same bound: every move above was within REATTACH_TIMEOUT for both;
     // and the slowest Python move is within one second of the slowest
     // Rust one (an interpreter, not a protocol difference).
     if let (Some(r), Some(p)) = (rmax, pmax) {
-        assert!(p <= r + Duration::from_secs(1), "Python workers re-attach slower: max {p:?} against Rust {r:?}");
+        assert!(
+            p <= r + Duration::from_secs(1),
+            "Python workers re-attach slower: max {p:?} against Rust {r:?}"
+        );
     }
 }

@@ -165,8 +165,14 @@ async fn a_worker_given_only_the_head_that_dies_reattaches_elsewhere_without_red
     .await;
     let took = killed.elapsed();
     let log = cluster.process(&worker).unwrap().log_tail(30);
-    assert!(moved, "not re-attached within {REATTACH_TIMEOUT:?}: {last:?}\n{log}");
-    println!("re-attached to {} {took:?} after the SIGKILL", last.unwrap().head_id);
+    assert!(
+        moved,
+        "not re-attached within {REATTACH_TIMEOUT:?}: {last:?}\n{log}"
+    );
+    println!(
+        "re-attached to {} {took:?} after the SIGKILL",
+        last.unwrap().head_id
+    );
     let rest: Vec<Member> = cluster
         .heads()
         .filter(|h| h.id != "head-1")
@@ -207,7 +213,9 @@ async fn a_worker_learns_a_new_head_from_the_heads_version_and_fails_over_to_it(
     let v1 = list_heads(h1, "").await.expect("ListHeads").version;
     assert!(
         wait_until(START_TIMEOUT, Duration::from_millis(50), async || {
-            list_heads(h0, "").await.is_ok_and(|a| a.version >= v1 && a.heads.len() == 2)
+            list_heads(h0, "")
+                .await
+                .is_ok_and(|a| a.version >= v1 && a.heads.len() == 2)
         })
         .await,
         "head-0 never listed head-1"
@@ -217,7 +225,9 @@ async fn a_worker_learns_a_new_head_from_the_heads_version_and_fails_over_to_it(
     let mut last = None;
     let moved = wait_until(REATTACH_TIMEOUT, Duration::from_millis(20), async || {
         let s = probe.worker_status(waddr).await.ok();
-        let done = s.as_ref().is_some_and(|s| s.attached && s.head_id == "head-1");
+        let done = s
+            .as_ref()
+            .is_some_and(|s| s.attached && s.head_id == "head-1");
         last = s;
         done
     })
@@ -284,5 +294,8 @@ async fn an_unreachable_bootstrap_list_and_an_old_head_each_get_a_clear_line() {
         cluster.process("misled").unwrap().log_tail(20)
     );
     let log = std::fs::read_to_string(cluster.process("misled").unwrap().log_path()).unwrap();
-    assert!(log.contains("ERROR"), "the old head is not an error:\n{log}");
+    assert!(
+        log.contains("ERROR"),
+        "the old head is not an error:\n{log}"
+    );
 }

@@ -23,6 +23,10 @@ pub struct Snapshot {
     pub read_at: Instant,
 }
 
+/// The last good snapshot, and when a read was last tried at which
+/// heads version.
+type Cached = (Option<Snapshot>, Option<(Instant, u64)>);
+
 /// The cached snapshot and the rules for refreshing it.
 pub struct HeadsView {
     registry: Registry,
@@ -33,7 +37,7 @@ pub struct HeadsView {
     /// The last good snapshot, and when a read was last tried (a failed
     /// read is not retried before `max_age`, so a Redis outage does not
     /// turn every call into a command).
-    state: Mutex<(Option<Snapshot>, Option<(Instant, u64)>)>,
+    state: Mutex<Cached>,
     /// Held by the one call that reads the registry.
     reading: tokio::sync::Mutex<()>,
 }
@@ -66,7 +70,8 @@ impl HeadsView {
 
     /// The heads, from the snapshot or from one read of the registry.
     pub async fn snapshot(&self) -> Result<Snapshot, RegistryError> {
-        let unread = || RegistryError::Unavailable("this head has not read the registry yet".into());
+        let unread =
+            || RegistryError::Unavailable("this head has not read the registry yet".into());
         if let Some(s) = self.fresh() {
             return s.map_err(|()| unread());
         }
@@ -184,7 +189,14 @@ mod tests {
             .map(|id| head(id, "ready", if *id == first { 10 } else { 0 }))
             .collect();
         let order = preference("w1", &heads, 250, ("a", 0));
-        assert_eq!(order.last().map(|h| h.head_id.as_str()), Some(first), "{order:?}");
-        assert_eq!(order.iter().find(|h| h.head_id == "a").map(|h| h.capacity), Some(0));
+        assert_eq!(
+            order.last().map(|h| h.head_id.as_str()),
+            Some(first),
+            "{order:?}"
+        );
+        assert_eq!(
+            order.iter().find(|h| h.head_id == "a").map(|h| h.capacity),
+            Some(0)
+        );
     }
 }

@@ -17,8 +17,8 @@ use tether::metrics::METRICS;
 use tether::pb::head_service_server::HeadService;
 use tether::pb::{
     ClusterEvent, DrainRequest, DrainResponse, EventKind, HeadBeat, ListHeadsRequest,
-    ListHeadsResponse, ListWorkersRequest, ListWorkersResponse, ReassignReason, ReassignRequest, ReassignResponse, WatchEventsRequest,
-    WorkerBeat,
+    ListHeadsResponse, ListWorkersRequest, ListWorkersResponse, ReassignReason, ReassignRequest,
+    ReassignResponse, WatchEventsRequest, WorkerBeat,
 };
 use tether::registry::{now_ms, AssignRequest, Claim, Registry, RegistryError};
 use tether::shutdown::Shutdown;
