@@ -108,15 +108,6 @@ impl Drop for PyWorker {
     }
 }
 
-async fn start_heads(cluster: &mut Cluster, n: usize) {
-    for i in 0..n {
-        ok(cluster.spawn_head(&head_id(i), HEAD_ARGS));
-    }
-    for h in cluster.heads() {
-        ok(wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
-    }
-}
-
 /// Waits until the worker at `addr` is attached to a head other than
 /// `from`; returns how long that took.
 async fn reattached(addr: SocketAddr, from: &str, log: impl Fn() -> String) -> (String, Duration) {
@@ -141,8 +132,7 @@ async fn reattached(addr: SocketAddr, from: &str, log: impl Fn() -> String) -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_worker_attaches_fails_over_and_follows_a_drain_make_before_break() {
     let stubs = stubs();
-    let mut cluster = cluster();
-    start_heads(&mut cluster, 3).await;
+    let mut cluster = start_cluster(3, 0).await;
     let boot = cluster.process("head-0").unwrap().addr.to_string();
     let py = PyWorker::spawn(&cluster, &stubs, "py-worker-1", &boot);
     let heads: Vec<Member> = cluster.heads().map(Member::from).collect();
@@ -257,8 +247,7 @@ async fn rust_and_python_workers_ride_out_a_seeded_fault_schedule_alike() {
     let seed = env_usize("TETHER_MIXED_SEED", 13) as u64;
     println!("mixed chaos: {rust_n} Rust + {python_n} Python workers, seed {seed}");
     let stubs = stubs();
-    let mut cluster = cluster();
-    start_heads(&mut cluster, 4).await;
+    let mut cluster = start_cluster(4, 0).await;
     let head_addrs: Vec<String> = cluster.heads().map(|h| h.addr.to_string()).collect();
     for i in 0..rust_n {
         let boot = head_addrs[i % head_addrs.len()].clone();
@@ -389,4 +378,69 @@ async fn rust_and_python_workers_ride_out_a_seeded_fault_schedule_alike() {
             "Python workers re-attach slower: max {p:?} against Rust {r:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_class_reports_changes_and_stops_cleanly() {
+    let stubs = stubs();
+    let cluster = start_cluster(2, 0).await;
+    let head = cluster.process("head-0").unwrap().addr.to_string();
+    let script = format!(
+        r#"
+import asyncio, sys
+from pathlib import Path
+sys.path.insert(0, {examples:?})
+import tether_worker as tw
+tw.load_stubs(Path({stubs:?}))
+
+async def main():
+    changes = []
+    worker = tw.Worker("lib-worker", [{head:?}], connect_timeout=0.5, max_backoff=0.5,
+                       on_change=changes.append)
+    task = asyncio.create_task(worker.run())
+    async def attached():
+        while not any(c.attached for c in changes):
+            await asyncio.sleep(0.02)
+    await asyncio.wait_for(attached(), 20)
+    print("attached", changes[-1].head_id, changes[-1].epoch, flush=True)
+    await worker.stop()
+    await asyncio.wait_for(task, 5)
+    print("stopped", flush=True)
+
+asyncio.run(main())
+"#,
+        examples = repo().join("examples/python").to_str().unwrap(),
+        stubs = stubs.to_str().unwrap(),
+    );
+    let out = run_to_exit(
+        Path::new("python3"),
+        &["-c", &script],
+        Duration::from_secs(40),
+    )
+    .unwrap_or_else(|e| panic!("python3: {e}; `{INSTALL}`"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let attached = stdout.lines().find(|l| l.starts_with("attached head-"));
+    assert!(
+        attached.is_some(),
+        "no attachment reported:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("stopped"), "{stdout}\n{stderr}");
+    // stop() closed the stream: no head lists the worker any more.
+    let heads: Vec<Member> = cluster.heads().map(Member::from).collect();
+    let mut probe = Probe::new();
+    let mut last = None;
+    let released = wait_until(START_TIMEOUT, Duration::from_millis(50), async || {
+        let view = View::take(&mut probe, &heads, &[]).await;
+        let gone = !view.listed_by().contains_key("lib-worker");
+        last = Some(view);
+        gone
+    })
+    .await;
+    assert!(
+        released,
+        "a head still lists the stopped worker:\n{}",
+        last.unwrap()
+    );
 }

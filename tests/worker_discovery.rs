@@ -52,13 +52,7 @@ fn redis_commands(cluster: &tether::localcluster::Cluster) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_heads_gives_each_worker_its_rendezvous_order_without_a_redis_command_per_call() {
-    let mut cluster = cluster();
-    for i in 0..3 {
-        ok(cluster.spawn_head(&head_id(i), HEAD_ARGS));
-    }
-    for h in cluster.heads() {
-        ok(wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
-    }
+    let cluster = start_cluster(3, 0).await;
     let ids = ["head-0", "head-1", "head-2"];
     let addr = cluster.process("head-1").unwrap().addr;
     for w in ["a", "worker-07", "w-x"] {
@@ -88,9 +82,14 @@ async fn list_heads_gives_each_worker_its_rendezvous_order_without_a_redis_comma
     let quiet_rate = quiet as f64 / t.elapsed().as_secs_f64();
     let before = redis_commands(&cluster);
     let t = Instant::now();
-    let channel = tether::localcluster::channel(addr);
+    // Ten connections of fifty calls, under the head's 64 concurrent
+    // streams per connection.
+    let channels: Vec<_> = (0..10)
+        .map(|_| tether::localcluster::channel(addr))
+        .collect();
     let calls = (0..500).map(|i| {
-        let mut client = tether::pb::head_service_client::HeadServiceClient::new(channel.clone());
+        let mut client =
+            tether::pb::head_service_client::HeadServiceClient::new(channels[i % 10].clone());
         async move {
             client
                 .list_heads(ListHeadsRequest {
@@ -101,8 +100,20 @@ async fn list_heads_gives_each_worker_its_rendezvous_order_without_a_redis_comma
     });
     let answers = futures_util_join_all(calls).await;
     let took = t.elapsed();
-    let failed = answers.iter().filter(|a| a.is_err()).count();
-    assert_eq!(failed, 0, "some ListHeads calls failed");
+    let failed: Vec<String> = answers
+        .iter()
+        .filter_map(|a| {
+            a.as_ref()
+                .err()
+                .map(|s| format!("{:?}: {}", s.code(), s.message()))
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} ListHeads calls failed, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
     let used = redis_commands(&cluster) - before;
     let expected = quiet_rate * took.as_secs_f64();
     assert!(
@@ -127,13 +138,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_given_only_the_head_that_dies_reattaches_elsewhere_without_redis() {
-    let mut cluster = cluster();
-    for i in 0..3 {
-        ok(cluster.spawn_head(&head_id(i), HEAD_ARGS));
-    }
-    for h in cluster.heads() {
-        ok(wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
-    }
+    let mut cluster = start_cluster(3, 0).await;
     let ids = ["head-0", "head-1", "head-2"];
     let worker = worker_preferring("head-1", &ids);
     let bootstrap = cluster.process("head-1").unwrap().addr.to_string();
