@@ -23,16 +23,15 @@
 
 mod common;
 
+use common::chaos::{
+    fresh_seed, panics_in, redis_problems, sample, seed_from_env, DoubleListings, Record, Rng,
+};
 use common::{binaries, ok, Member, View, HEAD_SERVICE, WORKER_ARGS};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tether::localcluster::{self, wait_serving, wait_until, Cluster, Probe, Reply};
-use tether::pb::head_service_client::HeadServiceClient;
-use tether::pb::worker_service_client::WorkerServiceClient;
-use tether::pb::{ListWorkersRequest, StatusRequest, WorkerStatus};
-use tokio::task::JoinSet;
+use tether::localcluster::{self, wait_serving, wait_until, Cluster, Probe};
 use tonic::transport::Channel;
 
 /// Beats every 200 ms, a silent peer is gone after 800 ms, a crashed
@@ -68,48 +67,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
 /// Never more heads alive at once.
 const MAX_HEADS: usize = 6;
 
-/// splitmix64: tiny, good enough for a schedule, and the same on every
-/// machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.next() % (high - low + 1))
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-}
-
-fn seed() -> u64 {
-    match std::env::var("TETHER_CHAOS_SEED") {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("TETHER_CHAOS_SEED={s:?} is not a u64")),
-        Err(_) => {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-            nanos ^ u64::from(std::process::id()).rotate_left(32)
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Running and expected to stay up.
@@ -138,131 +95,6 @@ enum Pending {
     RedisUp,
 }
 
-/// Everything the run saw that breaks an invariant, plus the timeline
-/// that explains it.
-#[derive(Default)]
-struct Record {
-    start: Option<Instant>,
-    timeline: Vec<String>,
-    violations: Vec<String>,
-    notes: Vec<String>,
-}
-
-impl Record {
-    fn t(&self) -> f64 {
-        self.start.map_or(0.0, |s| s.elapsed().as_secs_f64())
-    }
-
-    fn event(&mut self, what: String) {
-        let line = format!("{:7.2}s {what}", self.t());
-        eprintln!("chaos: {line}");
-        self.timeline.push(line);
-    }
-
-    fn violation(&mut self, what: String) {
-        let line = format!("{:7.2}s {what}", self.t());
-        eprintln!("chaos VIOLATION: {line}");
-        if self.violations.len() < 40 {
-            self.violations.push(line);
-        }
-    }
-}
-
-/// What one round of probes saw.
-struct Sample {
-    /// Worker id to the (head, epoch) pairs of every head listing it.
-    listed: BTreeMap<String, Vec<(String, u64)>>,
-    statuses: BTreeMap<String, WorkerStatus>,
-}
-
-/// Asks the given heads and workers at once, each call bounded by
-/// `PROBE_TIMEOUT`; calls that fail are left out.
-async fn sample(
-    channels: &mut BTreeMap<SocketAddr, Channel>,
-    heads: &[(String, SocketAddr)],
-    workers: &[(String, SocketAddr)],
-) -> Sample {
-    let mut channel = |addr: SocketAddr| {
-        channels
-            .entry(addr)
-            .or_insert_with(|| localcluster::channel(addr))
-            .clone()
-    };
-    let mut lists = JoinSet::new();
-    for (id, addr) in heads {
-        let mut client = HeadServiceClient::new(channel(*addr));
-        let id = id.clone();
-        lists.spawn(async move {
-            let call = client.list_workers(ListWorkersRequest {});
-            match tokio::time::timeout(PROBE_TIMEOUT, call).await {
-                Ok(Ok(r)) => Some((id, r.into_inner())),
-                _ => None,
-            }
-        });
-    }
-    let mut statuses = JoinSet::new();
-    for (id, addr) in workers {
-        let mut client = WorkerServiceClient::new(channel(*addr));
-        let id = id.clone();
-        statuses.spawn(async move {
-            let call = client.status(StatusRequest {});
-            match tokio::time::timeout(PROBE_TIMEOUT, call).await {
-                Ok(Ok(r)) => Some((id, r.into_inner())),
-                _ => None,
-            }
-        });
-    }
-    let mut listed: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
-    while let Some(r) = lists.join_next().await {
-        if let Ok(Some((head, listing))) = r {
-            for w in listing.workers {
-                listed
-                    .entry(w.worker_id)
-                    .or_default()
-                    .push((head.clone(), w.epoch));
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    while let Some(r) = statuses.join_next().await {
-        if let Ok(Some((id, s))) = r {
-            out.insert(id, s);
-        }
-    }
-    Sample {
-        listed,
-        statuses: out,
-    }
-}
-
-/// Lines of a log that report a panic.
-fn panics_in(path: &std::path::Path) -> Vec<String> {
-    let text = std::fs::read(path).unwrap_or_default();
-    String::from_utf8_lossy(&text)
-        .lines()
-        .filter(|l| l.contains("panicked"))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// `(head, epoch)` of the worker's assignment in Redis.
-fn redis_assignment(cluster: &Cluster, worker: &str) -> Result<Option<(String, u64)>, String> {
-    let key = format!("{{tether}}:worker:{worker}");
-    match cluster.redis().command(&["HMGET", &key, "head", "epoch"]) {
-        Ok(Reply::Array(Some(fields))) => match fields.as_slice() {
-            [Reply::Bulk(Some(head)), Reply::Bulk(Some(epoch))] => {
-                let head = String::from_utf8_lossy(head).into_owned();
-                let epoch = String::from_utf8_lossy(epoch)
-                    .parse()
-                    .map_err(|_| format!("epoch of {key} is not a number: {fields:?}"))?;
-                Ok(Some((head, epoch)))
-            }
-            _ => Ok(None),
-        },
-        other => Err(format!("HMGET {key}: {other:?}")),
-    }
-}
-
 /// The chaos run and its state.
 struct Chaos {
     cluster: Cluster,
@@ -281,13 +113,11 @@ struct Chaos {
     /// I3: since when each worker was seen unattached (in a counted
     /// window), and whether that episode was reported.
     unattached: BTreeMap<String, (Instant, bool)>,
-    /// I2: the workers listed twice in the previous sample.
-    doubled: BTreeMap<String, Vec<(String, u64)>>,
+    /// I2: double listings, and those of the previous sample.
+    doubled: DoubleListings,
     /// Highest epoch each worker reported, to note regressions.
     epochs: BTreeMap<String, u64>,
     samples: usize,
-    /// Double listings that lasted one sample only (allowed handoffs).
-    overlaps: usize,
     /// The longest counted unattached stretch seen, for the summary.
     longest_unattached: Duration,
     /// Worker samples that said unattached, for the summary.
@@ -581,31 +411,13 @@ impl Chaos {
             .filter(|h| matches!(h.state, State::Running | State::Draining))
             .map(|h| (h.id.clone(), h.addr))
             .collect();
-        let s = sample(channels, &heads, &self.workers).await;
+        let s = sample(channels, &heads, &self.workers, PROBE_TIMEOUT).await;
         self.samples += 1;
 
         // I2: listed by two heads in this sample and the previous one.
-        let doubled: BTreeMap<String, Vec<(String, u64)>> = s
-            .listed
-            .iter()
-            .filter(|(_, hs)| hs.len() > 1)
-            .map(|(w, hs)| (w.clone(), hs.clone()))
-            .collect();
-        for (w, hs) in &doubled {
-            self.overlaps += 1;
-            if let Some(prev) = self.doubled.get(w) {
-                let status = s.statuses.get(w).map(|s| {
-                    format!(
-                        "head={} epoch={} attached={}",
-                        s.head_id, s.epoch, s.attached
-                    )
-                });
-                self.record.violation(format!(
-                    "I2: {w} listed by several heads in two consecutive samples: before {prev:?}, now {hs:?}; its Status: {status:?}"
-                ));
-            }
+        for v in self.doubled.check(&s) {
+            self.record.violation(v);
         }
-        self.doubled = doubled;
 
         // I3: unattached too long while a head could take the worker.
         let counts = self.i3_counts();
@@ -683,25 +495,7 @@ impl Chaos {
         let agreed = wait_until(within, Duration::from_millis(200), async || {
             let view = View::take(&mut probe, &heads, &workers).await;
             let mut problems = view.problems();
-            for w in &workers {
-                let Some(status) = view.status(&w.id) else {
-                    continue;
-                };
-                match redis_assignment(cluster, &w.id) {
-                    Ok(Some((head, epoch))) if head == status.head_id && epoch == status.epoch => {
-                        let set = format!("{{tether}}:workers-of:{head}");
-                        if cluster.redis().command(&["SISMEMBER", &set, &w.id]).ok()
-                            != Some(Reply::Integer(1))
-                        {
-                            problems.push(format!("{} is not in {set}", w.id));
-                        }
-                    }
-                    other => problems.push(format!(
-                        "{}: Redis says {other:?}, Status says head {:?} epoch {}",
-                        w.id, status.head_id, status.epoch
-                    )),
-                }
-            }
+            problems.extend(redis_problems(cluster, &view));
             let done = problems.is_empty();
             last = problems;
             if !done {
@@ -750,7 +544,7 @@ async fn chaos_keeps_every_worker_on_exactly_one_live_head() {
     } else {
         (Duration::from_secs(25), 40)
     };
-    let seed = seed();
+    let seed = seed_from_env().unwrap_or_else(fresh_seed);
     eprintln!(
         "chaos seed: {seed} (rerun with TETHER_CHAOS_SEED={seed}); {} mode: {run_for:?}, 4 heads, {worker_count} workers",
         if long { "long" } else { "short" }
@@ -770,10 +564,9 @@ async fn chaos_keeps_every_worker_on_exactly_one_live_head() {
         record: Record::default(),
         removed_panics: Vec::new(),
         unattached: BTreeMap::new(),
-        doubled: BTreeMap::new(),
+        doubled: DoubleListings::default(),
         epochs: BTreeMap::new(),
         samples: 0,
-        overlaps: 0,
         longest_unattached: Duration::ZERO,
         unattached_seen: 0,
     };
@@ -880,7 +673,7 @@ async fn chaos_keeps_every_worker_on_exactly_one_live_head() {
         "chaos: seed {seed}: {actions} actions, {} samples, {} workers, {moves} moves, {} one-sample double listings (handoffs), {} unattached worker samples, longest counted unattached stretch {:?}, live heads at the end {live:?}, took {:?}",
         chaos.samples,
         chaos.workers.len(),
-        chaos.overlaps,
+        chaos.doubled.seen,
         chaos.unattached_seen,
         chaos.longest_unattached,
         start.elapsed()
