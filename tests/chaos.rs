@@ -24,14 +24,14 @@
 mod common;
 
 use common::chaos::{
-    fresh_seed, panics_in, redis_problems, sample, seed_from_env, DoubleListings, Record, Rng,
+    fresh_seed, members, panics_in, sample, seed_from_env, wait_agreement, DoubleListings, Record,
+    Rng,
 };
-use common::{binaries, ok, Member, View, HEAD_SERVICE, WORKER_ARGS};
+use common::{binaries, ok, HEAD_SERVICE, WORKER_ARGS};
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tether::localcluster::{self, wait_serving, wait_until, Cluster, Probe};
+use tether::localcluster::{self, wait_serving, Cluster, Probe};
 use tonic::transport::Channel;
 
 /// Beats every 200 ms, a silent peer is gone after 800 ms, a crashed
@@ -472,45 +472,18 @@ impl Chaos {
     /// I1: waits for agreement between Redis, the live heads and every
     /// worker; returns the problems of the last look if it never comes.
     async fn converge(&mut self, within: Duration) -> Vec<String> {
-        let heads: Vec<Member> = self
-            .heads
-            .iter()
-            .filter(|h| h.state == State::Running)
-            .map(|h| Member {
-                id: h.id.clone(),
-                addr: h.addr,
-            })
-            .collect();
-        let workers: Vec<Member> = self
-            .workers
-            .iter()
-            .map(|(id, addr)| Member {
-                id: id.clone(),
-                addr: *addr,
-            })
-            .collect();
-        let mut probe = Probe::new();
-        let mut last = Vec::new();
-        let cluster = &self.cluster;
-        let agreed = wait_until(within, Duration::from_millis(200), async || {
-            let view = View::take(&mut probe, &heads, &workers).await;
-            let mut problems = view.problems();
-            problems.extend(redis_problems(cluster, &view));
-            let done = problems.is_empty();
-            last = problems;
-            if !done {
-                let mut text = String::new();
-                let _ = write!(text, "{view}");
-                last.push(text);
-            }
-            done
-        })
-        .await;
-        if agreed {
+        let heads = members(
+            self.heads
+                .iter()
+                .filter(|h| h.state == State::Running)
+                .map(|h| (&h.id, h.addr)),
+        );
+        let workers = members(self.workers.iter().map(|(id, addr)| (id, *addr)));
+        let every = Duration::from_millis(200);
+        wait_agreement(&self.cluster, &heads, &workers, (within, every), |_| {
             Vec::new()
-        } else {
-            last
-        }
+        })
+        .await
     }
 
     fn report(&self) -> String {

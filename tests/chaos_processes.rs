@@ -26,14 +26,16 @@
 mod common;
 
 use common::chaos::{
-    fresh_seed, panics_in, redis_problems, sample, seed_from_env, DoubleListings, Record, Rng,
+    fresh_seed, members, panics_in, sample, seed_from_env, wait_agreement, DoubleListings, Record,
+    Rng,
 };
-use common::{binaries, ok, Member, View, HEAD_SERVICE};
+use common::{binaries, ok, HEAD_SERVICE};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tether::localcluster::{wait_serving, wait_until, Cluster, Probe, Signal};
+use tether::localcluster::{wait_serving, Cluster, Signal};
+use tether::registry::now_ms;
 
 /// The timings of issue 16: beats every 200 ms, a silent peer is gone
 /// after 1 s, a hung head's lease lapses after 2 s.
@@ -50,6 +52,15 @@ const HEAD_ARGS: &[&str] = &[
     "2s",
 ];
 const LEASE_TTL: Duration = Duration::from_secs(2);
+/// The heads' default `--rebalance-cooldown`: a worker that attached more
+/// recently is not yet redirected to a new head.
+const REBALANCE_COOLDOWN: Duration = Duration::from_secs(10);
+/// Quiescence: no worker attached (moved) for this long, so no rebalance
+/// is still due: the cool-down, a lease TTL for the rebalance loop's next
+/// read, and a second of slack.
+const QUIET_FOR: Duration = REBALANCE_COOLDOWN
+    .saturating_add(LEASE_TTL)
+    .saturating_add(Duration::from_secs(1));
 
 /// Two hundred workers on a loaded two-core machine: dial and call with
 /// some patience, and retry at most every second so that a cluster with
@@ -357,9 +368,7 @@ impl Run {
                     events.push(format!("{} exited 0", h.id));
                     h.state = State::Dead;
                 }
-                (State::Terminated { hung: false }, None)
-                    if h.since.elapsed() > TERM_TO_EXIT =>
-                {
+                (State::Terminated { hung: false }, None) if h.since.elapsed() > TERM_TO_EXIT => {
                     violations.push(format!(
                         "{} still running {TERM_TO_EXIT:?} after SIGTERM; log:\n{}",
                         h.id,
@@ -426,45 +435,40 @@ impl Run {
     }
 
     /// Waits for agreement between every worker, the running heads and
-    /// Redis; returns the problems of the last look if it never comes.
-    async fn settle(&mut self, within: Duration) -> Vec<String> {
-        let heads: Vec<Member> = self
-            .heads
-            .iter()
-            .filter(|h| h.state == State::Running)
-            .map(|h| Member {
-                id: h.id.clone(),
-                addr: h.addr,
-            })
-            .collect();
-        let workers: Vec<Member> = self
-            .workers
-            .iter()
-            .map(|(id, addr)| Member {
-                id: id.clone(),
-                addr: *addr,
-            })
-            .collect();
-        let mut probe = Probe::new();
-        let mut last = Vec::new();
-        let cluster = &self.cluster;
-        let agreed = wait_until(within, Duration::from_millis(500), async || {
-            let view = View::take(&mut probe, &heads, &workers).await;
-            let mut problems = view.problems();
-            problems.extend(redis_problems(cluster, &view));
-            let done = problems.is_empty();
-            if !done {
-                problems.push(view.to_string());
+    /// Redis, and, with `quiet_for`, for no worker to have moved for that
+    /// long (so no rebalance is pending); returns the problems of the last
+    /// look if that never comes.
+    async fn settle(&mut self, within: Duration, quiet_for: Option<Duration>) -> Vec<String> {
+        let heads = members(
+            self.heads
+                .iter()
+                .filter(|h| h.state == State::Running)
+                .map(|h| (&h.id, h.addr)),
+        );
+        let workers = members(self.workers.iter().map(|(id, addr)| (id, *addr)));
+        let every = Duration::from_millis(500);
+        wait_agreement(&self.cluster, &heads, &workers, (within, every), |view| {
+            let Some(quiet) = quiet_for else {
+                return Vec::new();
+            };
+            let last_move_ms = view
+                .statuses
+                .values()
+                .filter_map(|s| s.as_ref().ok())
+                .map(|s| s.attached_since_ms)
+                .max()
+                .unwrap_or(0);
+            let since = now_ms() - last_move_ms;
+            if since < quiet.as_millis() as i64 {
+                // Moves (a rebalance) may still be under way.
+                vec![format!(
+                    "last move {since} ms ago; waiting for {quiet:?} without one"
+                )]
+            } else {
+                Vec::new()
             }
-            last = problems;
-            done
         })
-        .await;
-        if agreed {
-            Vec::new()
-        } else {
-            last
-        }
+        .await
     }
 
     fn report(&self) -> String {
@@ -542,10 +546,11 @@ async fn play(seed: u64, steps: Vec<(Duration, Step)>) -> Result<String, String>
     }
     for i in 0..WORKERS {
         let id = format!("w{i:03}");
-        let addr = tokio::task::block_in_place(|| ok(run.cluster.spawn_worker(&id, WORKER_ARGS)).addr);
+        let addr =
+            tokio::task::block_in_place(|| ok(run.cluster.spawn_worker(&id, WORKER_ARGS)).addr);
         run.workers.push((id, addr));
     }
-    let problems = run.settle(SETTLE_WITHIN).await;
+    let problems = run.settle(SETTLE_WITHIN, None).await;
     if !problems.is_empty() {
         return Err(format!(
             "the cluster did not settle before the schedule:\n{}\n{}",
@@ -587,7 +592,7 @@ async fn play(seed: u64, steps: Vec<(Duration, Step)>) -> Result<String, String>
     // A lease TTL for the dead heads to leave the registry, sampled.
     run.observe_for(&mut channels, LEASE_TTL).await;
     let quiet = Instant::now();
-    let problems = run.settle(SETTLE_WITHIN).await;
+    let problems = run.settle(SETTLE_WITHIN, Some(QUIET_FOR)).await;
     let settled_in = quiet.elapsed();
     if !problems.is_empty() {
         run.record.violation(format!(
@@ -620,10 +625,7 @@ async fn play(seed: u64, steps: Vec<(Duration, Step)>) -> Result<String, String>
         run.worker_cost(),
     );
     if run.record.violations.is_empty() {
-        Ok(format!(
-            "seed {seed}: passed in {:?}",
-            began.elapsed()
-        ))
+        Ok(format!("seed {seed}: passed in {:?}", began.elapsed()))
     } else {
         // The cluster removes its logs when dropped (this run does not
         // panic, the next may still run): keep a copy.
@@ -635,7 +637,8 @@ async fn play(seed: u64, steps: Vec<(Duration, Step)>) -> Result<String, String>
 /// Copies a failed run's logs under Cargo's temporary directory for
 /// tests; returns where, or why not.
 fn keep_logs(dir: &std::path::Path, seed: u64) -> String {
-    let to = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos-processes-{seed}"));
+    let to =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos-processes-{seed}"));
     let copied = std::fs::create_dir_all(&to).and_then(|()| {
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;

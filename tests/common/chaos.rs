@@ -3,11 +3,11 @@
 //! one concurrent sample of the cluster, the double-listing check (I2)
 //! and the agreement with Redis.
 
-use super::View;
+use super::{Member, View};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tether::localcluster::{self, Cluster, Reply};
+use tether::localcluster::{self, wait_until, Cluster, Probe, Reply};
 use tether::pb::head_service_client::HeadServiceClient;
 use tether::pb::worker_service_client::WorkerServiceClient;
 use tether::pb::{ListWorkersRequest, StatusRequest, WorkerStatus};
@@ -248,4 +248,49 @@ pub fn redis_problems(cluster: &Cluster, view: &View) -> Vec<String> {
         }
     }
     problems
+}
+
+/// Members from `(id, address)` pairs.
+pub fn members<'a>(pairs: impl IntoIterator<Item = (&'a String, SocketAddr)>) -> Vec<Member> {
+    pairs
+        .into_iter()
+        .map(|(id, addr)| Member {
+            id: id.clone(),
+            addr,
+        })
+        .collect()
+}
+
+/// Waits until every worker's `Status`, the `ListWorkers` of `heads` and
+/// Redis agree (see [`View::problems`] and [`redis_problems`]) and `also`
+/// finds nothing more in the view; polls every `poll`. Returns the
+/// problems of the last look, with the view, if that does not happen
+/// within `within`.
+pub async fn wait_agreement(
+    cluster: &Cluster,
+    heads: &[Member],
+    workers: &[Member],
+    (within, poll): (Duration, Duration),
+    mut also: impl FnMut(&View) -> Vec<String>,
+) -> Vec<String> {
+    let mut probe = Probe::new();
+    let mut last = Vec::new();
+    let agreed = wait_until(within, poll, async || {
+        let view = View::take(&mut probe, heads, workers).await;
+        let mut problems = also(&view);
+        problems.extend(view.problems());
+        problems.extend(redis_problems(cluster, &view));
+        let done = problems.is_empty();
+        if !done {
+            problems.push(view.to_string());
+        }
+        last = problems;
+        done
+    })
+    .await;
+    if agreed {
+        Vec::new()
+    } else {
+        last
+    }
 }
