@@ -6,6 +6,7 @@
 //! touched here, so a Redis outage never gets every head restarted at once.
 
 use crate::attached::Attached;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -285,8 +286,18 @@ impl LeaseLoop {
                             Ok(stale) => {
                                 state.reclaim_pending.store(false, Ordering::Relaxed);
                                 warn!(head = %lease.head_id, kept = streams.len() - stale.len(), let_go = stale.len(), "lease had lapsed; re-registered and re-recorded workers");
+                                // Close only the stream that was checked: a
+                                // worker adopted here again between the
+                                // snapshot and the script has a newer stream
+                                // with a newer epoch, which is current.
+                                let checked: HashMap<&str, u64> = streams
+                                    .iter()
+                                    .map(|s| (s.worker_id.as_str(), s.epoch))
+                                    .collect();
                                 for worker in stale {
-                                    attached.close(&worker);
+                                    if let Some(epoch) = checked.get(worker.as_str()) {
+                                        attached.fence(&worker, epoch + 1);
+                                    }
                                 }
                             }
                             Err(e) => {

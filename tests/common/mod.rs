@@ -7,6 +7,8 @@
 // Each test file is its own crate and uses a different part of this.
 #![allow(dead_code)]
 
+pub mod chaos;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
