@@ -17,11 +17,14 @@ DEMO_ARGS   ?=
 IMAGE       ?= tether:dev
 # Base of `image-prebuilt`; tether-base:bookworm (make container-base) needs no registry.
 RUNTIME_BASE ?= debian:bookworm-slim
+# How many fresh seeds `make chaos` plays (tests/chaos_processes.rs);
+# `make test` plays one, plus the schedule of issue 16.
+SEEDS       ?= 5
 # Where `make test` keeps the Python packages of tests/python_client.rs.
 export TETHER_PYTHON_VENV ?= target/python-venv
 
 .DEFAULT_GOAL := help
-.PHONY: help redis test-deps build release demo test bench lint fmt image image-prebuilt container-base test-containers clean
+.PHONY: help redis test-deps build release demo test chaos bench lint fmt image image-prebuilt container-base test-containers clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,6 +47,9 @@ demo: redis ## 3 heads, 12 workers: SIGKILL one head (failover times), SIGTERM a
 
 test: test-deps ## Run the whole test suite (each test starts its own Redis)
 	PATH="$(abspath $(TETHER_PYTHON_VENV))/bin:$$PATH" $(CARGO) test $(CARGO_FLAGS) -- $(TEST_ARGS)
+
+chaos: redis ## Chaos with 200 tether-worker processes over SEEDS fresh seeds (about 1.5 min each)
+	TETHER_CHAOS_SEEDS=$(SEEDS) $(CARGO) test $(CARGO_FLAGS) --test chaos_processes -- --nocapture seeded_schedules $(TEST_ARGS)
 
 bench: redis ## Every tether-bench scenario at full size (about 10 min); JSON in target/bench/
 	$(CARGO) build $(CARGO_FLAGS) --release --bin tether-head --bin tether-bench

@@ -126,11 +126,15 @@ async fn run(cluster: &mut Cluster, head_args: &[String]) -> Result<bool, Error>
         join(heads.iter().map(|h| format!("{} {}", h.id, h.addr)))
     );
 
+    // Workers get no Redis address: each knows one head to start from
+    // (round robin) and learns the others from it with ListHeads.
     let started = Instant::now();
     for i in 1..=WORKERS {
-        cluster.spawn_worker(&format!("worker-{i:02}"), &[])?;
+        let bootstrap = heads[(i - 1) % heads.len()].addr.to_string();
+        cluster.spawn_worker(&format!("worker-{i:02}"), &["--heads", &bootstrap])?;
     }
     let workers = members(cluster.workers().map(|p| (&p.id, p.addr)));
+    println!("workers       no Redis address; each knows one head (--heads) and learns the rest with ListHeads");
     print!("workers       {WORKERS} started; waiting until all are attached ...");
     let _ = std::io::stdout().flush();
     let mut probe = Probe::new();

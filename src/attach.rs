@@ -12,11 +12,12 @@
 //! simulated workers behave exactly alike.
 
 use crate::backoff::{Backoff, Jitter};
+use crate::discovery::Discovery;
 use crate::metrics::METRICS;
 use crate::pb::head_service_client::HeadServiceClient;
 use crate::pb::{HeadBeat, ReassignReason, ReassignRequest, Redirect, RedirectReason, WorkerBeat};
 use crate::placement;
-use crate::registry::{HeadEntry, Registry};
+use crate::registry::HeadEntry;
 use crate::security::ClientSecurity;
 use crate::shutdown::Shutdown;
 use std::future::Future;
@@ -170,12 +171,15 @@ struct Attempt<'a> {
 
 /// Runs the attach loop of one worker until `shutdown`. Never returns on
 /// its own: with no head available it keeps retrying, with backoff.
+/// `discovery` is where it learns the heads (a `Registry` will do).
 pub async fn run(
     cfg: AttachConfig,
-    registry: Registry,
+    discovery: impl Into<Discovery>,
     status: watch::Sender<Snapshot>,
     mut shutdown: Shutdown,
 ) {
+    let discovery: Discovery = discovery.into();
+    let discovery = &discovery;
     let seed = placement::hash_str(&cfg.worker_id);
     let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_max, seed);
     let mut jitter = Jitter::new(seed);
@@ -216,7 +220,7 @@ pub async fn run(
             },
         };
         let link = tokio::select! {
-            l = establish(&cfg, &instance, &registry, attempt) => l,
+            l = establish(&cfg, &instance, discovery, attempt) => l,
             _ = shutdown.wait() => return,
         };
         let link = match link {
@@ -272,7 +276,7 @@ pub async fn run(
         }
         publish_attached(&status, &link, true);
         info!(worker = %cfg.worker_id, head = %link.head.id, epoch = link.epoch, "attached");
-        let ended = hold(&cfg, &instance, &registry, link, &status, &mut shutdown).await;
+        let ended = hold(&cfg, &instance, discovery, link, &status, &mut shutdown).await;
         METRICS.workers_attached.add(-1);
         match ended {
             Ended::Shutdown => return,
@@ -291,7 +295,7 @@ pub async fn run(
                 lost = Some((head_id.clone(), now + timeout, retry_same));
                 previous = Some(head_id);
                 // A small jitter keeps the workers of one dead head from
-                // hitting the registry and the survivors in one burst.
+                // hitting the discovery source and the survivors in one burst.
                 let spread = jitter.up_to(Duration::from_millis(20));
                 tokio::select! {
                     _ = tokio::time::sleep(spread) => {}
@@ -330,16 +334,17 @@ fn publish_attached(status: &watch::Sender<Snapshot>, link: &Link, from_unattach
 async fn establish(
     cfg: &AttachConfig,
     instance: &str,
-    registry: &Registry,
+    discovery: &Discovery,
     attempt: Attempt<'_>,
 ) -> Result<Link, AttachError> {
     let mut order: Vec<HeadEntry> = Vec::new();
     let needs_registry = !attempt.only_prefer || attempt.prefer_if_listed;
+    // The head being left (or lost) is not asked for the list.
     let listed = if needs_registry {
-        registry
-            .live_heads()
+        discovery
+            .list(cfg, None, attempt.skip.or(attempt.previous))
             .await
-            .map_err(|e| AttachError::NoHead(format!("cannot read the registry: {e}")))?
+            .map_err(AttachError::NoHead)?
     } else {
         Vec::new()
     };
@@ -356,7 +361,9 @@ async fn establish(
         }
     }
     if !attempt.only_prefer {
-        let candidates: Vec<HeadEntry> = listed
+        // Already in preference order (ready heads by rendezvous, stale
+        // ones last): keep it.
+        let rest: Vec<HeadEntry> = listed
             .into_iter()
             .filter(|h| {
                 h.state != "draining"
@@ -364,22 +371,10 @@ async fn establish(
                     && !order.iter().any(|o| o.id == h.id)
             })
             .collect();
-        // Ready heads in rendezvous order, then stale ones (probably
-        // dead, but the registry may just be slow) as a last resort.
-        let (ready, stale): (Vec<HeadEntry>, Vec<HeadEntry>) =
-            candidates.into_iter().partition(|h| h.state != "stale");
-        for group in [ready, stale] {
-            order.extend(
-                placement::rendezvous_order(&cfg.worker_id, &group, |h| h.id.as_str())
-                    .into_iter()
-                    .cloned(),
-            );
-        }
+        order.extend(rest);
     }
     if order.is_empty() {
-        return Err(AttachError::NoHead(
-            "the registry lists no live head".into(),
-        ));
+        return Err(AttachError::NoHead("no live head is listed".into()));
     }
     let mut refusals = Vec::new();
     // Heads that cannot take the worker (and the one it lost) do not
@@ -549,12 +544,14 @@ async fn open(
 
 type Move<'a> = Pin<Box<dyn Future<Output = Result<Link, String>> + Send + 'a>>;
 
+type Refresh<'a> = Pin<Box<dyn Future<Output = Result<Vec<HeadEntry>, String>> + Send + 'a>>;
+
 /// Holds the stream until the head is lost or shutdown, following the
 /// head's redirects make-before-break.
 async fn hold(
     cfg: &AttachConfig,
     instance: &str,
-    registry: &Registry,
+    discovery: &Discovery,
     mut link: Link,
     status: &watch::Sender<Snapshot>,
     shutdown: &mut Shutdown,
@@ -566,6 +563,11 @@ async fn hold(
     let mut moving: Option<Move<'_>> = None;
     let mut moving_since = Instant::now();
     let mut moving_reason = ReassignReason::Rebalance;
+    // A `ListHeads` under way because a beat carried a new heads
+    // version, and the version last asked about (asked once per version,
+    // so a failing refresh is not repeated every beat).
+    let mut refreshing: Option<Refresh<'_>> = None;
+    let mut asked_version = 0u64;
     // Set when the old stream died while a move was under way: the move
     // decides the outcome.
     let mut old_dead = false;
@@ -607,6 +609,16 @@ async fn hold(
                         }
                         s.last_head_beat = Some(now);
                     });
+                    if refreshing.is_none()
+                        && beat.heads_version != asked_version
+                        && discovery.outdated(beat.heads_version)
+                    {
+                        asked_version = beat.heads_version;
+                        let head = link.head.clone();
+                        refreshing = Some(Box::pin(async move {
+                            discovery.list(cfg, Some(&head), None).await
+                        }));
+                    }
                     if let (Some(redirect), None) = (beat.redirect, &moving) {
                         moving_since = Instant::now();
                         moving_reason = match redirect.reason() {
@@ -614,13 +626,20 @@ async fn hold(
                             _ => ReassignReason::Rebalance,
                         };
                         info!(worker = %cfg.worker_id, head = %link.head.id, to = %redirect.suggested_head_id, reason = redirect.reason().as_str_name(), "head asks us to move");
-                        moving = Some(Box::pin(follow(cfg, instance, registry, redirect, link.head.id.clone())));
+                        moving = Some(Box::pin(follow(cfg, instance, discovery, redirect, link.head.id.clone())));
                     }
                 }
                 Ok(None) | Err(_) if moving.is_some() => old_dead = true,
                 Ok(None) => return lost(&link, "the head ended the stream", true),
                 Err(s) => return lost(&link, format!("stream error: {:?}: {}", s.code(), s.message()), true),
             },
+            listed = async { refreshing.as_mut().expect("guarded").await }, if refreshing.is_some() => {
+                refreshing = None;
+                match listed {
+                    Ok(heads) => debug!(worker = %cfg.worker_id, heads = heads.len(), version = asked_version, "heads version changed; list refreshed"),
+                    Err(e) => debug!(worker = %cfg.worker_id, error = %e, "heads version changed; cannot refresh the list"),
+                }
+            }
             result = async { moving.as_mut().expect("guarded").await }, if moving.is_some() => {
                 moving = None;
                 match result {
@@ -654,7 +673,7 @@ async fn hold(
 async fn follow(
     cfg: &AttachConfig,
     instance: &str,
-    registry: &Registry,
+    discovery: &Discovery,
     redirect: Redirect,
     current: String,
 ) -> Result<Link, String> {
@@ -671,7 +690,7 @@ async fn follow(
     establish(
         cfg,
         instance,
-        registry,
+        discovery,
         Attempt {
             prefer,
             prefer_if_listed: false,

@@ -86,6 +86,52 @@ impl Timing {
     }
 }
 
+/// Lease TTLs shorter than this many heartbeat intervals are refused.
+///
+/// The registry counts a head as `stale` (tried last, not counted as live)
+/// once its lease has run down past half its TTL (`pttl < ttl / 2`, see
+/// `LIVE_HEADS`). A head refreshes once every interval plus the refresh's
+/// own latency, so just before a refresh its lease has `ttl - interval`
+/// left: with a TTL under 2 intervals a healthy head counts as stale for
+/// part of every interval. Half an interval more leaves room for a late
+/// refresh (a loaded machine, a slow Redis) before the head looks gone.
+pub const MIN_LEASE_INTERVALS: f64 = 2.5;
+
+/// Checks `--lease-ttl` against `--heartbeat-interval`; see
+/// [`MIN_LEASE_INTERVALS`].
+pub fn check_lease_ttl(lease_ttl: Duration, interval: Duration) -> Result<(), String> {
+    let least = interval.mul_f64(MIN_LEASE_INTERVALS);
+    if lease_ttl < least {
+        return Err(format!(
+            "--lease-ttl ({lease_ttl:?}) must be at least {MIN_LEASE_INTERVALS} x --heartbeat-interval ({interval:?}) = {least:?}: a head whose lease has run down past half counts as stale, so a shorter lease marks healthy heads stale between refreshes"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one `--heads` entry: `host:port`, a DNS name or an IP address
+/// (IPv6 in brackets) and a port from 1 to 65535, without a scheme.
+pub fn parse_head_addr(text: &str) -> Result<String, String> {
+    let bad =
+        || format!("{text:?} is not host:port (for example head-1.example:7070 or 10.0.0.5:7070)");
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    };
+    if port_ok && host_ok {
+        Ok(text.to_owned())
+    } else {
+        Err(bad())
+    }
+}
+
 /// A default id for a process that was not given one: host name and pid,
 /// unique on a machine and readable in logs.
 pub fn default_id(prefix: &str) -> String {
@@ -100,6 +146,31 @@ pub fn default_id(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_addresses_must_be_host_port() {
+        for good in [
+            "h:7070",
+            "10.0.0.5:1",
+            "[::1]:7070",
+            "head-1.tether.svc:7070",
+        ] {
+            assert_eq!(parse_head_addr(good).as_deref(), Ok(good));
+        }
+        for bad in [
+            "h",
+            "h:",
+            ":7070",
+            "h:0",
+            "h:70000",
+            "http://h:7070",
+            "h:x",
+            "[::1:7070",
+            "a b:1",
+        ] {
+            assert!(parse_head_addr(bad).is_err(), "{bad} was accepted");
+        }
+    }
 
     #[test]
     fn durations_parse_with_units() {
@@ -132,6 +203,21 @@ mod tests {
         assert!(parse_redis_url("redis://127.0.0.1:6379").is_ok());
         let err = parse_redis_url("http://user:secret@host").unwrap_err();
         assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn lease_must_outlive_two_and_a_half_intervals() {
+        let s = Duration::from_secs;
+        assert!(check_lease_ttl(s(3), s(1)).is_ok());
+        assert!(check_lease_ttl(Duration::from_millis(2500), s(1)).is_ok());
+        assert!(check_lease_ttl(Duration::from_millis(1), Duration::ZERO).is_ok());
+        let err = check_lease_ttl(s(2), s(1)).unwrap_err();
+        assert!(
+            err.starts_with(
+                "--lease-ttl (2s) must be at least 2.5 x --heartbeat-interval (1s) = 2.5s"
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -180,8 +266,17 @@ impl RegistryArgs {
 /// any other problem prints one line, `NAME: what is wrong`, and exits 2
 /// before anything starts.
 pub fn parse_args<T: clap::Parser>(name: &str) -> T {
-    match T::try_parse() {
-        Ok(args) => args,
+    parse_args_and_matches(name).0
+}
+
+/// [`parse_args`], also returning clap's matches, to tell a flag given on
+/// the command line or in the environment from its default.
+pub fn parse_args_and_matches<T: clap::Parser>(name: &str) -> (T, clap::ArgMatches) {
+    let parsed = T::command()
+        .try_get_matches()
+        .and_then(|m| T::from_arg_matches(&m).map(|args| (args, m)));
+    match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(

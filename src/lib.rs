@@ -18,6 +18,8 @@
 //! - [`placement`]: rendezvous ordering of heads for a worker.
 //! - [`attach`]: the worker side of the protocol, shared by `tether-worker`
 //!   and the benchmark.
+//! - [`discovery`]: how a worker learns the heads: `ListHeads` on a
+//!   bootstrap list, or the Redis registry.
 //! - [`server`]: what every gRPC server shares: health, reflection, limits.
 //! - [`security`]: optional TLS / mutual TLS and the bearer-token layer.
 //! - [`config`]: flag types (durations, Redis URL, ids) and validation.
@@ -31,6 +33,7 @@ pub mod attach;
 pub mod backoff;
 pub mod codec;
 pub mod config;
+pub mod discovery;
 pub mod events;
 pub mod listing;
 pub mod localcluster;

@@ -3,10 +3,12 @@
 //! their own service.
 
 use crate::security::{AuthLayer, ServerSecurity};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -122,25 +124,58 @@ pub async fn bind(
 /// Server-level `tcp_*` settings are ignored by `serve_with_incoming*`, so
 /// they are set here.
 ///
-/// Past the bound a new connection is closed at once, before any HTTP/2
-/// or TLS work, so a flood cannot exhaust descriptors or memory and the
-/// streams already open keep beating. An accept error (descriptors
-/// exhausted anyway) pauses accepting for a moment instead of spinning.
+/// A connection must greet within [`HANDSHAKE_TIMEOUT`]: send its first
+/// [`GREETING_BYTES`] bytes (the HTTP/2 preface, or a TLS ClientHello,
+/// which is longer). One that does not is closed, so connections that
+/// never speak cannot hold the bound for ever.
+///
+/// Past the bound, a new connection takes the place of the oldest one
+/// that has not greeted yet (closed at once), so that a storm of silent
+/// connections cannot lock out a liveness probe or a worker, which greet
+/// within a round trip. Only when every connection has greeted (or too
+/// many evicted ones are still closing) is a new connection closed at
+/// once, before any HTTP/2 or TLS work, so a flood cannot exhaust
+/// descriptors or memory and the streams already open keep beating. An
+/// accept error (descriptors exhausted anyway) pauses accepting for a
+/// moment instead of spinning.
 pub fn incoming(
     listener: TcpListener,
     max_connections: usize,
 ) -> impl Stream<Item = std::io::Result<Limited<TcpStream>>> {
+    let max = max_connections.max(1);
     Bounded {
         inner: TcpIncoming::from(listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)))
             .with_keepalive_interval(Some(Duration::from_secs(10)))
             .with_keepalive_retries(Some(3)),
-        permits: Arc::new(Semaphore::new(max_connections.max(1))),
+        permits: Arc::new(Semaphore::new(max)),
+        max,
+        quiet: VecDeque::new(),
+        closing: Arc::new(AtomicUsize::new(0)),
         pause: None,
         refused: 0,
+        evicted: 0,
     }
 }
+
+/// How long a new connection may take to send its first
+/// [`GREETING_BYTES`]. Real clients send them in the same round trip as
+/// the TCP handshake; a few seconds leave room for a slow network.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The bytes that count as a greeting: the length of the HTTP/2 client
+/// connection preface (`PRI * HTTP/2.0...`). Any TLS ClientHello is longer.
+pub const GREETING_BYTES: usize = 24;
+
+/// Evicted connections still closing, at most: each holds a descriptor
+/// outside the bound until its task runs, and the descriptors the default
+/// bound leaves free ([`RESERVED_DESCRIPTORS`]) are shared with the rest
+/// of the process.
+const MAX_CLOSING: usize = 16;
+
+/// Connections closed because they did not greet in time, for the log.
+static HANDSHAKES_TIMED_OUT: AtomicU64 = AtomicU64::new(0);
 
 /// The connection bound to use when none is configured: the process's
 /// open-file limit, minus room for everything else the process holds: the
@@ -163,19 +198,127 @@ pub fn default_max_connections() -> usize {
 /// Descriptors the default connection bound leaves for the rest.
 pub const RESERVED_DESCRIPTORS: usize = 64;
 
-/// A connection that holds one permit of the bound until it closes.
+/// A connection that holds one permit of the bound until it closes (or
+/// until a newer connection takes its place, see [`incoming`]).
 #[derive(Debug)]
 pub struct Limited<IO> {
     io: IO,
-    _permit: OwnedSemaphorePermit,
+    slot: Arc<Slot>,
+    /// Greeting bytes still due.
+    due: usize,
+    /// Until the connection greeted: when it must have.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Evicted connections not yet closed (see [`MAX_CLOSING`]).
+    closing: Arc<AtomicUsize>,
 }
+
+/// What the acceptor and a connection share.
+#[derive(Debug)]
+struct Slot {
+    /// [`QUIET`], [`GREETED`] or [`EVICTED`]; a connection leaves
+    /// `QUIET` once, by whichever of the two sides gets there first.
+    state: AtomicU8,
+    /// The permit of the bound; taken by the connection that evicts this.
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+    /// Wakes the connection's task when it is evicted.
+    waker: Mutex<Option<Waker>>,
+}
+
+/// Accepted, greeting bytes still due.
+const QUIET: u8 = 0;
+/// Sent its greeting: never evicted.
+const GREETED: u8 = 1;
+/// Gave its permit to a newer connection; closes on its next read.
+const EVICTED: u8 = 2;
 
 struct Bounded {
     inner: TcpIncoming,
     permits: Arc<Semaphore>,
+    /// The bound, to keep `quiet` in proportion.
+    max: usize,
+    /// Connections that may not have greeted yet, oldest first: the ones a
+    /// newcomer past the bound may evict. Entries of closed or greeted
+    /// connections are skipped when met and pruned when the queue grows.
+    quiet: VecDeque<Weak<Slot>>,
+    closing: Arc<AtomicUsize>,
     pause: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Connections refused since the last log line about it.
     refused: u64,
+    /// Connections evicted, for the log.
+    evicted: u64,
+}
+
+impl Bounded {
+    /// A permit for a new connection: a free one, or that of the oldest
+    /// connection that has not greeted.
+    fn permit(&mut self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        if self.closing.load(Ordering::Relaxed) >= MAX_CLOSING {
+            return None;
+        }
+        while let Some(oldest) = self.quiet.pop_front() {
+            let Some(slot) = oldest.upgrade() else {
+                continue;
+            };
+            if slot
+                .state
+                .compare_exchange(QUIET, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            self.closing.fetch_add(1, Ordering::Relaxed);
+            if let Some(waker) = lock(&slot.waker).take() {
+                waker.wake();
+            }
+            self.evicted += 1;
+            if self.evicted.is_power_of_two() {
+                warn!(
+                    evicted = self.evicted,
+                    "connection limit reached; closing connections that sent nothing to make room"
+                );
+            }
+            return lock(&slot.permit).take();
+        }
+        None
+    }
+
+    /// Wraps an accepted connection holding `permit`.
+    fn admit(&mut self, io: TcpStream, permit: OwnedSemaphorePermit) -> Limited<TcpStream> {
+        let slot = Arc::new(Slot {
+            state: AtomicU8::new(QUIET),
+            permit: Mutex::new(Some(permit)),
+            waker: Mutex::new(None),
+        });
+        if self.quiet.len() >= 2 * self.max {
+            self.quiet.retain(|w| {
+                w.upgrade()
+                    .is_some_and(|s| s.state.load(Ordering::Relaxed) == QUIET)
+            });
+        }
+        self.quiet.push_back(Arc::downgrade(&slot));
+        Limited {
+            io,
+            slot,
+            due: GREETING_BYTES,
+            deadline: Some(Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT))),
+            closing: self.closing.clone(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<IO> Drop for Limited<IO> {
+    fn drop(&mut self) {
+        if self.slot.state.load(Ordering::Acquire) == EVICTED {
+            self.closing.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Stream for Bounded {
@@ -190,14 +333,9 @@ impl Stream for Bounded {
                 self.pause = None;
             }
             match Pin::new(&mut self.inner).poll_next(cx) {
-                Poll::Ready(Some(Ok(io))) => match self.permits.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        return Poll::Ready(Some(Ok(Limited {
-                            io,
-                            _permit: permit,
-                        })))
-                    }
-                    Err(_) => {
+                Poll::Ready(Some(Ok(io))) => match self.permit() {
+                    Some(permit) => return Poll::Ready(Some(Ok(self.admit(io, permit)))),
+                    None => {
                         drop(io);
                         self.refused += 1;
                         if self.refused.is_power_of_two() {
@@ -225,7 +363,51 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        let Some(deadline) = this.deadline.as_mut() else {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        };
+        let evicted = || {
+            Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "connection limit reached and this connection had sent nothing",
+            )))
+        };
+        if this.slot.state.load(Ordering::Acquire) == EVICTED {
+            return evicted();
+        }
+        *lock(&this.slot.waker) = Some(cx.waker().clone());
+        if deadline.as_mut().poll(cx).is_ready() {
+            let n = HANDSHAKES_TIMED_OUT.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(
+                    timed_out = n,
+                    "closed connections that did not send a greeting within {HANDSHAKE_TIMEOUT:?}"
+                );
+            }
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no HTTP/2 preface or TLS hello in time",
+            )));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = read {
+            this.due = this.due.saturating_sub(buf.filled().len() - before);
+            if this.due == 0 {
+                if this
+                    .slot
+                    .state
+                    .compare_exchange(QUIET, GREETED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    return evicted();
+                }
+                this.deadline = None;
+                lock(&this.slot.waker).take();
+            }
+        }
+        read
     }
 }
 

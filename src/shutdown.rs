@@ -50,6 +50,35 @@ pub enum Signal {
     Interrupt,
 }
 
+/// SIGTERM and SIGINT as one stream that listens from its creation on, so
+/// that no signal is lost between two waits (a fresh [`signal`] call only
+/// sees signals sent after it started listening). Create it before
+/// anything can ask the process to stop; count signals with it.
+#[derive(Debug)]
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts listening for SIGTERM and SIGINT.
+    pub fn listen() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal as unix_signal, SignalKind};
+        Ok(Self {
+            term: unix_signal(SignalKind::terminate())?,
+            int: unix_signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next signal, including one that arrived since the last call.
+    pub async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Terminate,
+            _ = self.int.recv() => Signal::Interrupt,
+        }
+    }
+}
+
 /// Waits for the next SIGTERM or SIGINT.
 pub async fn signal() -> Signal {
     use tokio::signal::unix::{signal as unix_signal, SignalKind};
@@ -79,5 +108,16 @@ mod tests {
         a.wait().await;
         b.wait().await;
         assert!(b.is_triggered());
+    }
+
+    #[tokio::test]
+    async fn signals_sent_between_two_waits_are_not_lost() {
+        let mut signals = Signals::listen().expect("signal handlers");
+        // SAFETY: raise only sends a signal to this process, whose
+        // handler tokio installed above.
+        unsafe { libc::raise(libc::SIGTERM) };
+        assert_eq!(signals.next().await, Signal::Terminate);
+        unsafe { libc::raise(libc::SIGINT) };
+        assert_eq!(signals.next().await, Signal::Interrupt);
     }
 }

@@ -8,8 +8,8 @@
 //! What it proves, as invariants:
 //! - I1, after the schedule: once a lease TTL and a heartbeat timeout
 //!   (plus slack) have passed, every worker is attached to exactly one
-//!   live head, and Redis (the one `{tether}:assigned:<head>` that names
-//!   the worker, and its epoch), every
+//!   live head, and Redis (the one `{tether}:assigned:<head>` hash that
+//!   names the worker, at its epoch), every
 //!   head's `ListWorkers` and every worker's `Status` agree.
 //! - I2, while it runs: no worker is listed by two heads in two
 //!   consecutive samples (a make-before-break handoff may overlap once).
@@ -24,18 +24,15 @@
 
 mod common;
 
-use common::{
-    assigned_key, assignment_epoch, binaries, ok, Member, View, HEAD_SERVICE, WORKER_ARGS,
+use common::chaos::{
+    fresh_seed, members, panics_in, sample, seed_from_env, wait_agreement, DoubleListings, Record,
+    Rng,
 };
+use common::{binaries, ok, HEAD_SERVICE, WORKER_ARGS};
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tether::localcluster::{self, wait_serving, wait_until, Cluster, Probe, Reply};
-use tether::pb::head_service_client::HeadServiceClient;
-use tether::pb::worker_service_client::WorkerServiceClient;
-use tether::pb::{ListWorkersRequest, StatusRequest, WorkerStatus};
-use tokio::task::JoinSet;
+use tether::localcluster::{self, wait_serving, Cluster, Probe};
 use tonic::transport::Channel;
 
 /// Beats every 200 ms, a silent peer is gone after 800 ms, a crashed
@@ -71,48 +68,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
 /// Never more heads alive at once.
 const MAX_HEADS: usize = 6;
 
-/// splitmix64: tiny, good enough for a schedule, and the same on every
-/// machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.next() % (high - low + 1))
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-}
-
-fn seed() -> u64 {
-    match std::env::var("TETHER_CHAOS_SEED") {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("TETHER_CHAOS_SEED={s:?} is not a u64")),
-        Err(_) => {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-            nanos ^ u64::from(std::process::id()).rotate_left(32)
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Running and expected to stay up.
@@ -141,137 +96,6 @@ enum Pending {
     RedisUp,
 }
 
-/// Everything the run saw that breaks an invariant, plus the timeline
-/// that explains it.
-#[derive(Default)]
-struct Record {
-    start: Option<Instant>,
-    timeline: Vec<String>,
-    violations: Vec<String>,
-    notes: Vec<String>,
-}
-
-impl Record {
-    fn t(&self) -> f64 {
-        self.start.map_or(0.0, |s| s.elapsed().as_secs_f64())
-    }
-
-    fn event(&mut self, what: String) {
-        let line = format!("{:7.2}s {what}", self.t());
-        eprintln!("chaos: {line}");
-        self.timeline.push(line);
-    }
-
-    fn violation(&mut self, what: String) {
-        let line = format!("{:7.2}s {what}", self.t());
-        eprintln!("chaos VIOLATION: {line}");
-        if self.violations.len() < 40 {
-            self.violations.push(line);
-        }
-    }
-}
-
-/// What one round of probes saw.
-struct Sample {
-    /// Worker id to the (head, epoch) pairs of every head listing it.
-    listed: BTreeMap<String, Vec<(String, u64)>>,
-    statuses: BTreeMap<String, WorkerStatus>,
-}
-
-/// Asks the given heads and workers at once, each call bounded by
-/// `PROBE_TIMEOUT`; calls that fail are left out.
-async fn sample(
-    channels: &mut BTreeMap<SocketAddr, Channel>,
-    heads: &[(String, SocketAddr)],
-    workers: &[(String, SocketAddr)],
-) -> Sample {
-    let mut channel = |addr: SocketAddr| {
-        channels
-            .entry(addr)
-            .or_insert_with(|| localcluster::channel(addr))
-            .clone()
-    };
-    let mut lists = JoinSet::new();
-    for (id, addr) in heads {
-        let mut client = HeadServiceClient::new(channel(*addr));
-        let id = id.clone();
-        lists.spawn(async move {
-            let call = client.list_workers(ListWorkersRequest::default());
-            match tokio::time::timeout(PROBE_TIMEOUT, call).await {
-                Ok(Ok(r)) => Some((id, r.into_inner())),
-                _ => None,
-            }
-        });
-    }
-    let mut statuses = JoinSet::new();
-    for (id, addr) in workers {
-        let mut client = WorkerServiceClient::new(channel(*addr));
-        let id = id.clone();
-        statuses.spawn(async move {
-            let call = client.status(StatusRequest {});
-            match tokio::time::timeout(PROBE_TIMEOUT, call).await {
-                Ok(Ok(r)) => Some((id, r.into_inner())),
-                _ => None,
-            }
-        });
-    }
-    let mut listed: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
-    while let Some(r) = lists.join_next().await {
-        if let Ok(Some((head, listing))) = r {
-            for w in listing.workers {
-                listed
-                    .entry(w.worker_id)
-                    .or_default()
-                    .push((head.clone(), w.epoch));
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    while let Some(r) = statuses.join_next().await {
-        if let Ok(Some((id, s))) = r {
-            out.insert(id, s);
-        }
-    }
-    Sample {
-        listed,
-        statuses: out,
-    }
-}
-
-/// Lines of a log that report a panic.
-fn panics_in(path: &std::path::Path) -> Vec<String> {
-    let text = std::fs::read(path).unwrap_or_default();
-    String::from_utf8_lossy(&text)
-        .lines()
-        .filter(|l| l.contains("panicked"))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Every `(head, epoch)` the registry holds for the worker: one entry per
-/// registered head whose assignment hash names it.
-fn redis_assignment(cluster: &Cluster, worker: &str) -> Result<Vec<(String, u64)>, String> {
-    let heads = match cluster.redis().command(&["SMEMBERS", "{tether}:heads"]) {
-        Ok(Reply::Array(Some(ids))) => ids,
-        other => return Err(format!("SMEMBERS {{tether}}:heads: {other:?}")),
-    };
-    let mut out = Vec::new();
-    for id in heads {
-        let Reply::Bulk(Some(id)) = id else { continue };
-        let head = String::from_utf8_lossy(&id).into_owned();
-        let key = assigned_key(&head);
-        match cluster.redis().command(&["HGET", &key, worker]) {
-            Ok(Reply::Bulk(Some(v))) => match assignment_epoch(&v) {
-                Some(epoch) => out.push((head, epoch)),
-                None => return Err(format!("{worker} in {key}: unparsable {v:?}")),
-            },
-            Ok(Reply::Bulk(None)) => {}
-            other => return Err(format!("HGET {key} {worker}: {other:?}")),
-        }
-    }
-    Ok(out)
-}
-
 /// The chaos run and its state.
 struct Chaos {
     cluster: Cluster,
@@ -290,13 +114,11 @@ struct Chaos {
     /// I3: since when each worker was seen unattached (in a counted
     /// window), and whether that episode was reported.
     unattached: BTreeMap<String, (Instant, bool)>,
-    /// I2: the workers listed twice in the previous sample.
-    doubled: BTreeMap<String, Vec<(String, u64)>>,
+    /// I2: double listings, and those of the previous sample.
+    doubled: DoubleListings,
     /// Highest epoch each worker reported, to note regressions.
     epochs: BTreeMap<String, u64>,
     samples: usize,
-    /// Double listings that lasted one sample only (allowed handoffs).
-    overlaps: usize,
     /// The longest counted unattached stretch seen, for the summary.
     longest_unattached: Duration,
     /// Worker samples that said unattached, for the summary.
@@ -590,31 +412,13 @@ impl Chaos {
             .filter(|h| matches!(h.state, State::Running | State::Draining))
             .map(|h| (h.id.clone(), h.addr))
             .collect();
-        let s = sample(channels, &heads, &self.workers).await;
+        let s = sample(channels, &heads, &self.workers, PROBE_TIMEOUT).await;
         self.samples += 1;
 
         // I2: listed by two heads in this sample and the previous one.
-        let doubled: BTreeMap<String, Vec<(String, u64)>> = s
-            .listed
-            .iter()
-            .filter(|(_, hs)| hs.len() > 1)
-            .map(|(w, hs)| (w.clone(), hs.clone()))
-            .collect();
-        for (w, hs) in &doubled {
-            self.overlaps += 1;
-            if let Some(prev) = self.doubled.get(w) {
-                let status = s.statuses.get(w).map(|s| {
-                    format!(
-                        "head={} epoch={} attached={}",
-                        s.head_id, s.epoch, s.attached
-                    )
-                });
-                self.record.violation(format!(
-                    "I2: {w} listed by several heads in two consecutive samples: before {prev:?}, now {hs:?}; its Status: {status:?}"
-                ));
-            }
+        for v in self.doubled.check(&s) {
+            self.record.violation(v);
         }
-        self.doubled = doubled;
 
         // I3: unattached too long while a head could take the worker.
         let counts = self.i3_counts();
@@ -669,56 +473,18 @@ impl Chaos {
     /// I1: waits for agreement between Redis, the live heads and every
     /// worker; returns the problems of the last look if it never comes.
     async fn converge(&mut self, within: Duration) -> Vec<String> {
-        let heads: Vec<Member> = self
-            .heads
-            .iter()
-            .filter(|h| h.state == State::Running)
-            .map(|h| Member {
-                id: h.id.clone(),
-                addr: h.addr,
-            })
-            .collect();
-        let workers: Vec<Member> = self
-            .workers
-            .iter()
-            .map(|(id, addr)| Member {
-                id: id.clone(),
-                addr: *addr,
-            })
-            .collect();
-        let mut probe = Probe::new();
-        let mut last = Vec::new();
-        let cluster = &self.cluster;
-        let agreed = wait_until(within, Duration::from_millis(200), async || {
-            let view = View::take(&mut probe, &heads, &workers).await;
-            let mut problems = view.problems();
-            for w in &workers {
-                let Some(status) = view.status(&w.id) else {
-                    continue;
-                };
-                match redis_assignment(cluster, &w.id) {
-                    Ok(found) if found == [(status.head_id.clone(), status.epoch)] => {}
-                    other => problems.push(format!(
-                        "{}: Redis says {other:?}, Status says head {:?} epoch {}",
-                        w.id, status.head_id, status.epoch
-                    )),
-                }
-            }
-            let done = problems.is_empty();
-            last = problems;
-            if !done {
-                let mut text = String::new();
-                let _ = write!(text, "{view}");
-                last.push(text);
-            }
-            done
-        })
-        .await;
-        if agreed {
+        let heads = members(
+            self.heads
+                .iter()
+                .filter(|h| h.state == State::Running)
+                .map(|h| (&h.id, h.addr)),
+        );
+        let workers = members(self.workers.iter().map(|(id, addr)| (id, *addr)));
+        let every = Duration::from_millis(200);
+        wait_agreement(&self.cluster, &heads, &workers, (within, every), |_| {
             Vec::new()
-        } else {
-            last
-        }
+        })
+        .await
     }
 
     fn report(&self) -> String {
@@ -752,7 +518,7 @@ async fn chaos_keeps_every_worker_on_exactly_one_live_head() {
     } else {
         (Duration::from_secs(25), 40)
     };
-    let seed = seed();
+    let seed = seed_from_env().unwrap_or_else(fresh_seed);
     eprintln!(
         "chaos seed: {seed} (rerun with TETHER_CHAOS_SEED={seed}); {} mode: {run_for:?}, 4 heads, {worker_count} workers",
         if long { "long" } else { "short" }
@@ -772,10 +538,9 @@ async fn chaos_keeps_every_worker_on_exactly_one_live_head() {
         record: Record::default(),
         removed_panics: Vec::new(),
         unattached: BTreeMap::new(),
-        doubled: BTreeMap::new(),
+        doubled: DoubleListings::default(),
         epochs: BTreeMap::new(),
         samples: 0,
-        overlaps: 0,
         longest_unattached: Duration::ZERO,
         unattached_seen: 0,
     };
@@ -882,7 +647,7 @@ async fn chaos_keeps_every_worker_on_exactly_one_live_head() {
         "chaos: seed {seed}: {actions} actions, {} samples, {} workers, {moves} moves, {} one-sample double listings (handoffs), {} unattached worker samples, longest counted unattached stretch {:?}, live heads at the end {live:?}, took {:?}",
         chaos.samples,
         chaos.workers.len(),
-        chaos.overlaps,
+        chaos.doubled.seen,
         chaos.unattached_seen,
         chaos.longest_unattached,
         start.elapsed()

@@ -32,30 +32,13 @@ static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Every key in Redis.
 fn all_keys(cluster: &Cluster) -> BTreeSet<String> {
-    match ok(cluster.redis().command(&["KEYS", "*"])) {
-        Reply::Array(Some(keys)) => keys
-            .into_iter()
-            .filter_map(|k| match k {
-                Reply::Bulk(Some(b)) => Some(String::from_utf8_lossy(&b).into_owned()),
-                _ => None,
-            })
-            .collect(),
-        other => panic!("KEYS answered {other:?}"),
-    }
+    string_set("KEYS *", ok(cluster.redis().command(&["KEYS", "*"])))
 }
 
 /// The worker ids in a head's assignment hash.
 fn assigned_fields(cluster: &Cluster, head: &str) -> BTreeSet<String> {
-    match ok(cluster.redis().command(&["HKEYS", &assigned_key(head)])) {
-        Reply::Array(Some(keys)) => keys
-            .into_iter()
-            .filter_map(|k| match k {
-                Reply::Bulk(Some(b)) => Some(String::from_utf8_lossy(&b).into_owned()),
-                _ => None,
-            })
-            .collect(),
-        other => panic!("HKEYS answered {other:?}"),
-    }
+    let key = assigned_key(head);
+    string_set("HKEYS", ok(cluster.redis().command(&["HKEYS", &key])))
 }
 
 /// The epoch counter.
@@ -130,9 +113,9 @@ async fn wait_registry_live(cluster: &Cluster, within: Duration, what: &str) -> 
             }
         }
         let mut keys = all_keys(cluster);
-        // One key each per namespace, not per id: the heads version, the
-        // sweep turn and the load digest.
-        for k in ["{tether}:heads-version", "{tether}:sweep", "{tether}:loads"] {
+        // One key each per namespace, not per id: the heads version and
+        // the load digest.
+        for k in ["{tether}:heads-version", "{tether}:loads"] {
             keys.remove(k);
         }
         if keys != expected {

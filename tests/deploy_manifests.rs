@@ -459,6 +459,28 @@ fn kubernetes_heads_advertise_the_pod_ip_probe_health_and_outlast_their_drain() 
         "{}: readiness on WorkerService",
         worker.place
     );
+    // Least privilege: workers find heads through them, never Redis.
+    assert!(
+        !worker.contains("REDIS") && !worker.contains("redis"),
+        "{}: workers must get no Redis address or password",
+        worker.place
+    );
+    let heads = worker.env_value("TETHER_HEADS").expect("TETHER_HEADS");
+    let service = heads.split(':').next().unwrap();
+    let peers = parts
+        .iter()
+        .find(|p| {
+            p.value("kind").as_deref() == Some("Service")
+                && p.value("name").as_deref() == Some(service)
+        })
+        .unwrap_or_else(|| {
+            panic!("workers bootstrap from {heads}, but no Service {service} exists")
+        });
+    assert!(
+        peers.contains("clusterIP: None"),
+        "{}: {service} must be headless so its name resolves to every head",
+        peers.place
+    );
 
     let hpa = parts
         .iter()
@@ -508,6 +530,21 @@ fn compose_heads_outlast_their_drain_and_workers_can_scale() {
         assert!(
             !worker.contains(fixed),
             "the worker service sets {fixed}, so it cannot scale"
+        );
+    }
+    // Least privilege: workers reach heads only, never Redis.
+    assert!(
+        !worker.contains("REDIS") && !worker.contains("- registry"),
+        "the worker service gets a Redis address or the registry network"
+    );
+    let heads = worker.env_value("TETHER_HEADS").expect("TETHER_HEADS");
+    for entry in heads.split(',') {
+        let host = entry.split(':').next().unwrap();
+        assert!(
+            parts
+                .iter()
+                .any(|p| p.contains(&format!("aliases: [{host}]"))),
+            "workers bootstrap from {entry}, which no head has as an alias"
         );
     }
 }

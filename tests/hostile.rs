@@ -494,20 +494,13 @@ async fn thousands_of_connections_do_not_disturb_attached_workers() {
     assert_no_panic(&cluster);
 }
 
-/// Every key in Redis, sorted, but the sweep turn: one key per namespace
-/// that comes and goes with each lease TTL.
+/// Every key in Redis, sorted, but the load digest: one key per
+/// namespace that comes and goes with each lease TTL (the refresh that
+/// finds it gone sweeps and writes it again).
 fn all_keys(cluster: &Cluster) -> BTreeSet<String> {
-    match ok(cluster.redis().command(&["KEYS", "*"])) {
-        Reply::Array(Some(keys)) => keys
-            .into_iter()
-            .map(|k| match k {
-                Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
-                other => panic!("KEYS returned {other:?}"),
-            })
-            .filter(|k| k != "{tether}:sweep")
-            .collect(),
-        other => panic!("KEYS returned {other:?}"),
-    }
+    let mut keys = string_set("KEYS *", ok(cluster.redis().command(&["KEYS", "*"])));
+    keys.remove("{tether}:loads");
+    keys
 }
 
 #[tokio::test]
@@ -577,20 +570,9 @@ async fn worker_ids_shaped_like_redis_patterns_touch_only_their_own_keys() {
         "Redis keys after the workers attached\n{view}"
     );
     for h in &heads {
-        let set = format!("{{tether}}:assigned:{}", h.id);
-        let mut members: Vec<String> = match ok(cluster.redis().command(&["HKEYS", &set])) {
-            Reply::Array(Some(m)) => m
-                .into_iter()
-                .filter_map(|r| match r {
-                    Reply::Bulk(Some(b)) => Some(String::from_utf8_lossy(&b).into_owned()),
-                    _ => None,
-                })
-                .collect(),
-            other => panic!("HKEYS {set}: {other:?}"),
-        };
-        members.sort();
-        let mut want = view.workers_of(&h.id);
-        want.sort();
+        let set = assigned_key(&h.id);
+        let members = string_set("HKEYS", ok(cluster.redis().command(&["HKEYS", &set])));
+        let want: BTreeSet<String> = view.workers_of(&h.id).into_iter().collect();
         assert_eq!(members, want, "{set}\n{view}");
     }
 
@@ -791,5 +773,115 @@ fn arbitrary_requests_never_crash_the_head() {
         matches!(ready, Ok(ServingStatus::Serving)),
         "readiness after fuzzing: {ready:?}"
     );
+    assert_no_panic(&cluster);
+}
+
+/// The repro of a head under `prlimit --nofile=1024`, scaled down: a head
+/// bounded to 64 connections, then 600 TCP connections that never send a
+/// byte. Liveness (`grpc.health.v1.Health/Check`) still answers while they
+/// are held, every one of them is closed by the head within the handshake
+/// timeout (plus slack for a loaded machine), and the workers streaming to
+/// the head are not disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_fill_the_bound_and_are_closed_after_the_handshake_timeout() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    const MAX_CONNECTIONS: &str = "64";
+    const IDLE: usize = 600;
+    let mut cluster = cluster();
+    let head_args: Vec<&str> = HEAD_ARGS
+        .iter()
+        .copied()
+        .chain(["--max-connections", MAX_CONNECTIONS])
+        .collect();
+    ok(cluster.spawn_head(&head_id(0), &head_args));
+    for h in cluster.heads() {
+        ok(wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
+    }
+    for i in 0..4 {
+        ok(cluster.spawn_worker(&worker_id(i), WORKER_ARGS));
+    }
+    let heads: Vec<Member> = cluster.heads().map(Member::from).collect();
+    let workers: Vec<Member> = cluster.workers().map(Member::from).collect();
+    let mut probe = Probe::new();
+    let before = settle(&mut probe, &heads, &workers, START_TIMEOUT).await;
+    let head = cluster.process("head-0").expect("a head");
+    let (addr, pid) = (head.addr, head.pid());
+    let fds_before = fds(pid);
+
+    let opened = Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connect {} failed: {e}", idle.len()),
+        }
+    }
+    let storm_took = opened.elapsed();
+
+    // Liveness answers while the idle connections are still open: each
+    // check on a fresh connection, as a kubelet probe would.
+    let mut last = None;
+    let live = wait_until(
+        Duration::from_secs(3),
+        Duration::from_millis(100),
+        async || {
+            let answer = Probe::new().health(addr, "").await;
+            let serving = matches!(answer, Ok(ServingStatus::Serving));
+            last = Some(answer);
+            serving
+        },
+    )
+    .await;
+    let live_after = opened.elapsed();
+    assert!(
+        live,
+        "liveness did not answer within 3 s with {IDLE} idle connections open (bound {MAX_CONNECTIONS}): {last:?}; log:\n{}",
+        cluster.process("head-0").expect("a head").log_tail(20)
+    );
+
+    // Every idle connection is closed by the head (EOF or reset). The
+    // head may send its own HTTP/2 settings first: read past them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut open_after_deadline = 0;
+    let mut last_closed = Duration::ZERO;
+    for s in &mut idle {
+        let mut bytes = [0u8; 256];
+        loop {
+            match tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read(s, &mut bytes))
+                .await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    last_closed = last_closed.max(opened.elapsed());
+                    break;
+                }
+                Ok(Ok(_)) => continue,
+                Err(_) => {
+                    open_after_deadline += 1;
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(
+        open_after_deadline, 0,
+        "{open_after_deadline} of {IDLE} idle connections still open 15 s after they were opened"
+    );
+    let fds_after = fds(pid);
+    eprintln!(
+        "{IDLE} idle connections opened in {storm_took:?}; liveness answered {live_after:?} after the first; the last closed {last_closed:?} after it; head fds {fds_before} -> {fds_after}"
+    );
+    drop(idle);
+
+    assert_alive(&mut cluster, "head-0", "idle connections").await;
+    let after = settle(&mut probe, &heads, &workers, Duration::from_secs(3)).await;
+    for w in &workers {
+        let (b, a) = (before.status(&w.id).unwrap(), after.status(&w.id).unwrap());
+        assert_eq!(
+            (&a.head_id, a.epoch, a.reassignments),
+            (&b.head_id, b.epoch, b.reassignments),
+            "{} was disturbed by the idle connections",
+            w.id
+        );
+    }
     assert_no_panic(&cluster);
 }

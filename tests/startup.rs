@@ -8,7 +8,7 @@ use common::*;
 use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
-use tether::localcluster::run_to_exit;
+use tether::localcluster::{free_port, run_to_exit, wait_serving, Reply};
 
 /// The hint clap adds under its own errors; allowed next to the one line.
 const CLAP_HINT: &str = "For more information, try '--help'.";
@@ -69,7 +69,13 @@ fn head_rejects_bad_configuration_before_binding() {
         ),
         (
             &["--heartbeat-interval", "1s", "--lease-ttl", "1s"][..],
-            "--lease-ttl (1s) must be larger than --heartbeat-interval (1s)",
+            "--lease-ttl (1s) must be at least 2.5 x --heartbeat-interval (1s)",
+        ),
+        // Half a lease run down marks a head stale: 2 s with 1 s refreshes
+        // would mark every healthy head stale just before each refresh.
+        (
+            &["--heartbeat-interval", "1s", "--lease-ttl", "2s"][..],
+            "--lease-ttl (2s) must be at least 2.5 x --heartbeat-interval (1s)",
         ),
         (&["--heartbeat-interval", "0s"][..], "--heartbeat-interval"),
     ] {
@@ -109,4 +115,86 @@ fn redis_passwords_never_reach_the_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
     assert!(!stderr.contains("s3cret"), "the password leaked:\n{stderr}");
+}
+
+/// The address a head's lease advertises, as Redis holds it.
+fn lease_addr(cluster: &tether::localcluster::Cluster, head: &str) -> Option<String> {
+    match ok(cluster
+        .redis()
+        .command(&["HGET", &format!("{{tether}}:head:{head}"), "addr"]))
+    {
+        Reply::Bulk(Some(bytes)) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+        _ => None,
+    }
+}
+
+/// A second `tether-head` under the id of a live head refuses to start:
+/// exit 2, one line naming the id and the address that holds it, and the
+/// first head's lease untouched. A head restarted under the same id right
+/// after a crash, while the dead process's lease still runs, waits for
+/// that lease to lapse and then serves.
+#[tokio::test]
+async fn a_second_head_under_a_live_heads_id_exits_2_and_a_restart_after_a_crash_serves() {
+    let mut cluster = cluster();
+    ok(cluster.spawn_head("head-0", HEAD_ARGS));
+    let first = cluster.process("head-0").expect("a head").addr;
+    ok(wait_serving(first, HEAD_SERVICE, START_TIMEOUT).await);
+
+    let listen = format!("127.0.0.1:{}", ok(free_port()));
+    let url = cluster.redis().url();
+    let mut args = vec!["--id", "head-0", "--listen", &listen, "--redis-url", &url];
+    args.extend_from_slice(HEAD_ARGS);
+    let started = std::time::Instant::now();
+    let out = ok(run_to_exit(
+        &binaries().head,
+        &args,
+        Duration::from_secs(10),
+    ));
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the second head-0 should exit 2; stderr:\n{stderr}"
+    );
+    assert!(
+        errors.len() == 1 && errors[0].contains("head-0") && errors[0].contains(&first.to_string()),
+        "expected one ERROR line naming head-0 and {first}; stderr:\n{stderr}"
+    );
+    assert_eq!(
+        lease_addr(&cluster, "head-0").as_deref(),
+        Some(first.to_string().as_str()),
+        "the first head's lease was rewritten"
+    );
+    let health = tether::localcluster::health_check(first, HEAD_SERVICE).await;
+    assert!(
+        matches!(
+            health,
+            Ok(tonic_health::pb::health_check_response::ServingStatus::Serving)
+        ),
+        "the first head-0 is no longer ready: {health:?}"
+    );
+    eprintln!("a second head-0 exited 2 after {took:?}: {}", errors[0]);
+
+    // A crash, and the orchestrator starts head-0 again at once: the dead
+    // process's lease still runs, nobody refreshes it, so the new process
+    // takes the id once it lapsed.
+    drop(cluster.remove("head-0"));
+    let crashed = std::time::Instant::now();
+    ok(cluster.spawn_head("head-0", HEAD_ARGS));
+    let second = cluster.process("head-0").expect("a head").addr;
+    if let Err(e) = wait_serving(second, HEAD_SERVICE, START_TIMEOUT).await {
+        let log = cluster.process("head-0").expect("a head").log_tail(20);
+        panic!("head-0 restarted after a crash did not serve: {e}\nlog:\n{log}");
+    }
+    assert_eq!(
+        lease_addr(&cluster, "head-0").as_deref(),
+        Some(second.to_string().as_str()),
+        "the restarted head-0 does not hold its lease"
+    );
+    eprintln!(
+        "head-0 restarted at once after a crash served {:?} after the crash",
+        crashed.elapsed()
+    );
 }

@@ -386,13 +386,6 @@ impl Attached {
         }
     }
 
-    /// Closes the worker's stream whatever its epoch.
-    pub fn close(&self, worker_id: &str) {
-        if let Some(s) = self.lock().get(worker_id) {
-            s.close();
-        }
-    }
-
     /// A snapshot of the open streams, for the drain and rebalance loops.
     pub fn streams(&self) -> Vec<Arc<Stream>> {
         self.lock().values().cloned().collect()

@@ -82,6 +82,7 @@ impl HeartbeatBody {
             sent_at_ms: now_ms(),
             epoch: self.stream.epoch,
             redirect: None,
+            heads_version: self.svc.lease.heads_version(),
         }
     }
 

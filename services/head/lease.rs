@@ -6,12 +6,13 @@
 //! touched here, so a Redis outage never gets every head restarted at once.
 
 use crate::attached::Attached;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tether::metrics::METRICS;
 use tether::pb::head_service_server::HeadServiceServer;
-use tether::registry::{HeldStream, LeaseInfo, LeaseRefresh, LoadDigest, Registry};
+use tether::registry::{HeldStream, LeaseInfo, LeaseRefresh, LoadDigest, Registry, RegistryError};
 use tether::shutdown::Shutdown;
 use tokio::sync::watch;
 use tonic_health::server::HealthReporter;
@@ -49,6 +50,34 @@ pub struct LeaseState {
     /// The state the lease's fields were last written with; `None` until
     /// the first refresh succeeds. A quiet refresh only extends the TTL.
     written: Mutex<Option<&'static str>>,
+    /// Set by the first successful refresh: from then on a lease that
+    /// names another process means this one was displaced.
+    registered: AtomicBool,
+    /// Before the first success: when a refresh first found the id's lease
+    /// held by another process, and when that lease would have run out
+    /// had nobody refreshed it since.
+    foreign_since: Mutex<Option<(Instant, Instant)>>,
+    /// Why the lease loop must end, once it must.
+    verdict: Mutex<Option<LeaseEnd>>,
+}
+
+/// Why the lease loop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// Shutdown was asked for.
+    Stopped,
+    /// Another live process holds this head id; this one never held it
+    /// and must not start (exit 2).
+    IdInUse {
+        /// Where that process serves.
+        addr: String,
+    },
+    /// This process's lease lapsed and another process took the id
+    /// meanwhile: this one must go (exit 1), so that one head serves it.
+    Displaced {
+        /// Where that process serves.
+        addr: String,
+    },
 }
 
 impl Default for LeaseState {
@@ -63,6 +92,9 @@ impl Default for LeaseState {
             heads_version: watch::Sender::new(0),
             loads: watch::Sender::new(None),
             written: Mutex::new(None),
+            registered: AtomicBool::new(false),
+            foreign_since: Mutex::new(None),
+            verdict: Mutex::new(None),
         }
     }
 }
@@ -98,6 +130,12 @@ impl LeaseState {
     /// as seen by the lease refreshes.
     pub fn load_changes(&self) -> watch::Receiver<Option<(u64, LoadDigest)>> {
         self.loads.subscribe()
+    }
+
+    /// The registry's heads version as the last refresh read it; 0 before
+    /// the first. Sent in every `HeadBeat`.
+    pub fn heads_version(&self) -> u64 {
+        *self.heads_version.borrow()
     }
 
     /// The state the lease advertises to workers.
@@ -138,17 +176,70 @@ pub struct LeaseLoop {
 impl LeaseLoop {
     /// Refreshes the lease every `every` until `shutdown`. Does not
     /// deregister: the caller does that at the right moment of shutdown.
-    pub async fn run(&self, mut shutdown: Shutdown) {
+    pub async fn run(&self, mut shutdown: Shutdown) -> LeaseEnd {
         let mut failures = 0u64;
         loop {
             if shutdown.is_triggered() {
-                return;
+                return LeaseEnd::Stopped;
             }
             self.refresh_once(&mut failures).await;
+            if let Some(end) = self
+                .state
+                .verdict
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+            {
+                return end;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(self.every) => {}
-                _ = shutdown.wait() => return,
+                _ = shutdown.wait() => return LeaseEnd::Stopped,
             }
+        }
+    }
+
+    /// A refresh found the id's lease held by another process (sent at
+    /// `sent`). Before this process ever held the lease, that may be a
+    /// crashed predecessor whose lease still runs (an orchestrator restarts
+    /// a head at once): wait until that lease would have run out, plus one
+    /// interval, and refuse to start only if it is still there, i.e. it was
+    /// refreshed meanwhile. After this process held it, the id was taken
+    /// while its own lease had lapsed: give way.
+    fn foreign_lease(&self, sent: Instant, addr: String, pttl_ms: i64) {
+        let LeaseLoop {
+            lease,
+            state,
+            every,
+            ..
+        } = self;
+        let mut verdict = state.verdict.lock().unwrap_or_else(|e| e.into_inner());
+        if verdict.is_some() {
+            return;
+        }
+        if state.registered.load(Ordering::Relaxed) {
+            error!(head = %lease.head_id, other = %addr, "another tether-head process took head id {} (at {addr}) while this one's lease had lapsed; exiting so that one head serves the id", lease.head_id);
+            *verdict = Some(LeaseEnd::Displaced { addr });
+            return;
+        }
+        let left = u64::try_from(pttl_ms).map_or(lease.ttl, Duration::from_millis);
+        let mut since = state
+            .foreign_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match *since {
+            None => {
+                // The margin covers this call's own latency: the lease ran
+                // out `left` after Redis ran it, a little after `sent`.
+                let lapse = sent + left + *every + Duration::from_millis(250);
+                *since = Some((sent, lapse));
+                warn!(head = %lease.head_id, other = %addr, left = ?left, "head id {} is held by another process at {addr}; waiting until its lease would have lapsed before refusing to start", lease.head_id);
+            }
+            Some((_, lapse)) if sent >= lapse => {
+                error!(head = %lease.head_id, other = %addr, "head id {} is in use: another live tether-head at {addr} keeps refreshing its lease; refusing to start (give every head its own --id)", lease.head_id);
+                *verdict = Some(LeaseEnd::IdInUse { addr });
+            }
+            Some(_) => {}
         }
     }
 
@@ -206,8 +297,18 @@ impl LeaseLoop {
                             Ok(stale) => {
                                 state.reclaim_pending.store(false, Ordering::Relaxed);
                                 warn!(head = %lease.head_id, kept = streams.len() - stale.len(), let_go = stale.len(), "lease had lapsed; re-registered and re-recorded workers");
+                                // Close only the stream that was checked: a
+                                // worker adopted here again between the
+                                // snapshot and the script has a newer stream
+                                // with a newer epoch, which is current.
+                                let checked: HashMap<&str, u64> = streams
+                                    .iter()
+                                    .map(|s| (s.worker_id.as_str(), s.epoch))
+                                    .collect();
                                 for worker in stale {
-                                    attached.close(&worker);
+                                    if let Some(epoch) = checked.get(worker.as_str()) {
+                                        attached.fence(&worker, epoch + 1);
+                                    }
                                 }
                             }
                             Err(e) => {
@@ -254,6 +355,15 @@ impl LeaseLoop {
                 }
                 state.suspended.store(false, Ordering::Relaxed);
                 state.held.store(true, Ordering::Relaxed);
+                state.registered.store(true, Ordering::Relaxed);
+                if let Some((first, _)) = state
+                    .foreign_since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                {
+                    info!(head = %lease.head_id, waited = ?first.elapsed(), "the other process's lease of this head id lapsed; taking the id");
+                }
                 self.tidy(&refresh).await;
                 if !was_held {
                     info!(head = %lease.head_id, addr = %lease.addr, ttl = ?lease.ttl, "registered in the registry");
@@ -269,6 +379,10 @@ impl LeaseLoop {
                     }
                 }
                 *failures = 0;
+            }
+            Err(RegistryError::LeaseHeldElsewhere { addr, pttl_ms }) => {
+                state.held.store(false, Ordering::Relaxed);
+                self.foreign_lease(sent, addr, pttl_ms);
             }
             Err(e) => {
                 *failures += 1;

@@ -5,6 +5,7 @@
 mod attached;
 mod beat;
 mod drain;
+mod heads_view;
 mod heartbeat;
 mod lease;
 mod rebalance;
@@ -48,8 +49,9 @@ pub struct Args {
     pub heartbeat_timeout: Duration,
 
     /// Lifetime of this head's registry entry without a refresh: a crashed
-    /// head disappears from the registry after at most this long. Must
-    /// exceed the heartbeat interval.
+    /// head disappears from the registry after at most this long. At least
+    /// 2.5 heartbeat intervals: a head whose lease ran down past half
+    /// counts as stale.
     #[arg(long, env = "TETHER_LEASE_TTL", default_value = "3s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
 
@@ -96,12 +98,7 @@ impl Args {
             heartbeat_timeout: self.heartbeat_timeout,
         }
         .validate()?;
-        if self.lease_ttl <= self.heartbeat_interval {
-            return Err(format!(
-                "--lease-ttl ({:?}) must be larger than --heartbeat-interval ({:?}), or the lease lapses between refreshes",
-                self.lease_ttl, self.heartbeat_interval
-            ));
-        }
+        tether::config::check_lease_ttl(self.lease_ttl, self.heartbeat_interval)?;
         if let Some(a) = &self.advertise {
             if a.len() > 256 || !a.contains(':') {
                 return Err(format!("--advertise {a:?} must be host:port"));

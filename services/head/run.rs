@@ -1,11 +1,12 @@
 //! Wires a head together and runs it until told to go, then leaves in an
 //! order that loses no worker: drain (redirect every worker, wait until
 //! they left), refuse new work, leave the registry, close the streams,
-//! stop the server; all bounded in time. A second signal exits at once.
+//! stop the server; all bounded in time. A second signal exits at once;
+//! a first signal during a drain that a `Drain` call began does not.
 
 use crate::attached::Attached;
 use crate::drain::{Drain, Handoff};
-use crate::lease::{LeaseLoop, LeaseState};
+use crate::lease::{LeaseEnd, LeaseLoop, LeaseState};
 use crate::rebalance::Rebalance;
 use crate::service::{HeadConfig, HeadSvc};
 use crate::Args;
@@ -22,6 +23,15 @@ use tracing::{error, info, warn};
 
 /// Runs the head; returns the process exit code.
 pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
+    // Listening from the start: a SIGTERM right after a `Drain` call must
+    // be counted, not lost between two waits.
+    let mut signals = match shutdown::Signals::listen() {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install the signal handlers");
+            return 1;
+        }
+    };
     let server::Listeners {
         grpc: listener,
         bound,
@@ -74,6 +84,7 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
             addr: advertise.clone(),
             ttl: args.lease_ttl,
             started_ms: now_ms(),
+            instance: tether::attach::new_instance(),
         },
         every: args.heartbeat_interval,
         state: lease_state.clone(),
@@ -117,6 +128,11 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
         stopping,
         closing,
         events: events.clone(),
+        heads: Arc::new(crate::heads_view::HeadsView::new(
+            registry.clone(),
+            lease_state.heads_changes(),
+            args.lease_ttl,
+        )),
     };
     let head_service = HeadServiceServer::new(svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -152,10 +168,16 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
     }
     info!(head = %id, listen = %bound, %advertise, "head serving");
 
+    // A signal that begins the drain is the first; one that arrives while
+    // a `Drain` call's drain runs (Kubernetes: a preStop hook calls Drain,
+    // then the kubelet sends SIGTERM) is the first too, and must not cut
+    // the handoff short. Only the signal after that exits at once.
+    let mut first_signal = false;
     tokio::select! {
-        s = shutdown::signal() => {
+        s = signals.next() => {
             info!(head = %id, signal = ?s, workers = attached.len(), "draining on signal");
             drain.begin();
+            first_signal = true;
         }
         _ = drain.wait_begun() => {}
         r = &mut server_task => {
@@ -165,8 +187,15 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
         r = &mut lease_task => {
             // Liveness reports the loss so an orchestrator restarts us.
             health.set_service_status("", ServingStatus::NotServing).await;
-            error!(result = ?r, "the lease loop stopped on its own");
-            return 1;
+            return match r {
+                // Both were logged, in one line, where they were found.
+                Ok(LeaseEnd::IdInUse { .. }) => 2,
+                Ok(LeaseEnd::Displaced { .. }) => 1,
+                r => {
+                    error!(result = ?r, "the lease loop stopped on its own");
+                    1
+                }
+            };
         }
     }
 
@@ -201,9 +230,16 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
         let _ = stop_server.send(());
         let _ = tokio::time::timeout(args.shutdown_timeout, server_task).await;
     };
+    let second_signal = async {
+        if !first_signal {
+            let s = signals.next().await;
+            info!(head = %id, signal = ?s, workers = attached.len(), "signal during a drain begun by a Drain call; the drain goes on (another signal exits at once)");
+        }
+        signals.next().await
+    };
     tokio::select! {
         _ = leave => {}
-        s = shutdown::signal() => {
+        s = second_signal => {
             warn!(head = %id, signal = ?s, "second signal; exiting at once");
             return 1;
         }

@@ -5,6 +5,7 @@
 
 use crate::attached::{Admission, Adoption, Attached, NewStream, Secret};
 use crate::drain::Drain;
+use crate::heads_view::{self, HeadsView};
 use crate::heartbeat::HeartbeatBody;
 use crate::lease::LeaseState;
 use std::pin::Pin;
@@ -15,9 +16,9 @@ use tether::events::Events;
 use tether::metrics::METRICS;
 use tether::pb::head_service_server::HeadService;
 use tether::pb::{
-    ClusterEvent, DrainRequest, DrainResponse, EventKind, HeadBeat, ListWorkersRequest,
-    ListWorkersResponse, ReassignReason, ReassignRequest, ReassignResponse, WatchEventsRequest,
-    WorkerBeat,
+    ClusterEvent, DrainRequest, DrainResponse, EventKind, HeadBeat, ListHeadsRequest,
+    ListHeadsResponse, ListWorkersRequest, ListWorkersResponse, ReassignReason, ReassignRequest,
+    ReassignResponse, WatchEventsRequest, WorkerBeat,
 };
 use tether::registry::{now_ms, AssignRequest, Claim, Registry, RegistryError};
 use tether::shutdown::Shutdown;
@@ -78,6 +79,8 @@ pub struct HeadSvc {
     pub closing: Shutdown,
     /// Membership events, published and watched.
     pub events: Events,
+    /// The live heads as last read, for `ListHeads`.
+    pub heads: Arc<HeadsView>,
 }
 
 impl HeadSvc {
@@ -345,6 +348,35 @@ impl HeadService for HeadSvc {
             head_id: self.cfg.id.clone(),
             workers,
             next_page_token,
+        }))
+    }
+
+    async fn list_heads(
+        &self,
+        request: Request<ListHeadsRequest>,
+    ) -> Result<Response<ListHeadsResponse>, Status> {
+        let worker = &request.get_ref().worker_id;
+        if !worker.is_empty() {
+            validate_id("worker_id", worker).map_err(Status::invalid_argument)?;
+        }
+        self.refuse_if_stopping()?;
+        let snapshot = self.heads.snapshot().await.map_err(|e| {
+            Status::unavailable(format!(
+                "head {} cannot list the heads: {e}; ask another head",
+                self.cfg.id
+            ))
+        })?;
+        let heads = heads_view::preference(
+            worker,
+            &snapshot.heads,
+            self.cfg.slack_permille,
+            (&self.cfg.id, self.cfg.capacity),
+        );
+        Ok(Response::new(ListHeadsResponse {
+            heads,
+            version: snapshot.version,
+            head_id: self.cfg.id.clone(),
+            age_ms: snapshot.read_at.elapsed().as_millis() as u64,
         }))
     }
 

@@ -33,6 +33,14 @@ pub struct Args {
     #[arg(long, env = "TETHER_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
+    /// Heads to learn the cluster from, as HOST:PORT[,HOST:PORT...]: any
+    /// subset of the heads (a DNS name resolving to several addresses, such
+    /// as a Kubernetes headless Service, counts as all of them). The worker
+    /// calls ListHeads on them and needs no Redis; with --redis-url given
+    /// too, the registry is read when no head answers.
+    #[arg(long, env = "TETHER_HEADS", value_delimiter = ',', value_parser = tether::config::parse_head_addr)]
+    pub heads: Vec<String>,
+
     /// Largest delay between attempts while no head accepts the worker.
     #[arg(long, env = "TETHER_MAX_BACKOFF", default_value = "5s", value_parser = parse_duration)]
     pub max_backoff: Duration,
@@ -59,7 +67,13 @@ impl Args {
 }
 
 fn main() {
-    let args: Args = tether::config::parse_args("tether-worker");
+    let (args, matches): (Args, _) = tether::config::parse_args_and_matches("tether-worker");
+    // --redis-url has a default for heads; a worker given --heads uses
+    // Redis only when told to.
+    let redis_given = matches!(
+        matches.value_source("redis_url"),
+        Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+    );
     let security = args
         .validate()
         .and_then(|()| args.common.registry.validate())
@@ -81,6 +95,11 @@ fn main() {
             eprintln!("tether-worker: cannot start the runtime: {e}");
             std::process::exit(1);
         });
-    let code = runtime.block_on(run::run(args, server_security, client_security));
+    let code = runtime.block_on(run::run(
+        args,
+        redis_given,
+        server_security,
+        client_security,
+    ));
     std::process::exit(code);
 }

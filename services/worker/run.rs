@@ -6,6 +6,7 @@ use crate::Args;
 use std::time::Duration;
 use tether::attach::{self, AttachConfig, Snapshot};
 use tether::config::{advertise_addr, default_id};
+use tether::discovery::{Discovery, Source};
 use tether::pb::worker_service_server::WorkerServiceServer;
 use tether::registry::Registry;
 use tether::security::{ClientSecurity, ServerSecurity};
@@ -17,6 +18,7 @@ use tracing::{error, info, warn};
 /// Runs the worker; returns the process exit code.
 pub async fn run(
     args: Args,
+    redis_given: bool,
     server_security: ServerSecurity,
     client_security: ClientSecurity,
 ) -> i32 {
@@ -33,18 +35,31 @@ pub async fn run(
     };
     let (advertise, _) = advertise_addr(args.advertise.as_deref(), bound);
     let id = args.id.clone().unwrap_or_else(|| default_id("worker"));
-    // A worker only reads the registry, one call at a time.
-    let registry = match Registry::new(
-        &args.common.registry.redis_url,
-        &args.common.registry.namespace,
-        2,
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            error!(error = %e, "cannot set up the registry");
-            return 2;
+    // Heads first when given; the registry (read one call at a time)
+    // when asked for, or when no head is given (as before --heads).
+    let mut sources = Vec::new();
+    if !args.heads.is_empty() {
+        sources.push(Source::Heads(args.heads.clone()));
+    }
+    if redis_given || args.heads.is_empty() {
+        match Registry::new(
+            &args.common.registry.redis_url,
+            &args.common.registry.namespace,
+            2,
+        ) {
+            Ok(r) => sources.push(Source::Registry(r)),
+            Err(e) => {
+                error!(error = %e, "cannot set up the registry");
+                return 2;
+            }
         }
+    }
+    let via = match (args.heads.is_empty(), sources.len()) {
+        (true, _) => "the registry (--redis-url)".to_owned(),
+        (false, 1) => format!("ListHeads on {}", args.heads.join(",")),
+        (false, _) => format!("ListHeads on {}, then the registry", args.heads.join(",")),
     };
+    let discovery = Discovery::new(sources);
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     let (trigger, stop) = shutdown::channel();
@@ -64,7 +79,7 @@ pub async fn run(
             backoff_max: args.max_backoff,
             security: client_security,
         },
-        registry,
+        discovery,
         snapshot_tx,
         stop.clone(),
     ));
@@ -100,7 +115,7 @@ pub async fn run(
             stop.clone(),
         ));
     }
-    info!(worker = %id, listen = %bound, %advertise, "worker serving");
+    info!(worker = %id, listen = %bound, %advertise, discovery = %via, "worker serving");
 
     let signal = tokio::select! {
         s = shutdown::signal() => s,

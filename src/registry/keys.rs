@@ -10,8 +10,7 @@
 //! | `{ns}:fence:<head>`          | list   | `epoch:worker` of workers taken from the head; TTL = the lease |
 //! | `{ns}:epoch`                 | string | counter that hands out every epoch             |
 //! | `{ns}:heads-version`         | string | counter bumped when a head joins or leaves     |
-//! | `{ns}:sweep`                 | string | whose turn it is to sweep; TTL = a lease TTL   |
-//! | `{ns}:loads`                 | string | the last sweep's load digest; TTL = 3 lease TTLs |
+//! | `{ns}:loads`                 | string | the last sweep's load digest; TTL = a lease TTL |
 //!
 //! A worker's assignment lives in its head's `assigned` hash, not in a key
 //! of its own: it expires with the head's lease, so a head that dies
@@ -89,16 +88,10 @@ impl Keys {
         format!("{}:heads-version", self.prefix)
     }
 
-    /// The sweep turn: the head whose refresh sets it (`SET NX`, for one
-    /// lease TTL) sweeps the registry for expired heads and writes the
-    /// load digest, so the cluster as a whole reads every lease once a
-    /// TTL, not once per head.
-    pub fn sweep(&self) -> String {
-        format!("{}:sweep", self.prefix)
-    }
-
     /// The load digest the last sweep wrote (`W R least live`), which
     /// every refresh reads back in the same `MGET` as the heads version.
+    /// It lives one lease TTL: the refresh that finds it gone sweeps, so
+    /// one head sweeps per lease TTL for the whole cluster.
     pub fn loads(&self) -> String {
         format!("{}:loads", self.prefix)
     }
@@ -118,7 +111,6 @@ mod tests {
             k.fence("h{2}"),
             k.epoch(),
             k.heads_version(),
-            k.sweep(),
             k.loads(),
         ] {
             assert!(key.starts_with("{tether}:"), "{key}");

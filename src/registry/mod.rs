@@ -58,6 +58,14 @@ pub enum RegistryError {
         /// The address the other process reported in its `Reassign`.
         worker_addr: String,
     },
+    /// The head's lease names another process (see `REFRESH_LEASE`).
+    #[error("the lease of this head id is held by another process at {addr} ({pttl_ms} ms left)")]
+    LeaseHeldElsewhere {
+        /// The address that process advertises.
+        addr: String,
+        /// What is left of its lease, in milliseconds.
+        pttl_ms: i64,
+    },
     /// Redis answered with something this version does not understand.
     #[error("unexpected registry reply: {0}")]
     Protocol(String),
@@ -198,6 +206,9 @@ pub struct LeaseInfo {
     pub ttl: Duration,
     /// When the head started, Unix milliseconds.
     pub started_ms: i64,
+    /// A random token naming this head process, so that a second process
+    /// under the same id is told apart from this one's own refreshes.
+    pub instance: String,
 }
 
 /// A handle to the registry: a connection pool and the key layout.
@@ -352,13 +363,13 @@ impl Registry {
             .key(k.fence(&lease.head_id))
             .key(k.heads_version())
             .key(k.loads())
-            .key(k.sweep())
             .arg(&lease.head_id)
             .arg(&lease.addr)
             .arg(lease.ttl.as_millis() as u64)
             .arg(lease.started_ms)
             .arg(state)
             .arg(if write { "1" } else { "0" })
+            .arg(&lease.instance)
             .arg(k.head_prefix())
             .arg(k.assigned_prefix());
         let reply: Vec<redis::Value> = self
@@ -607,6 +618,14 @@ fn classify(e: redis::RedisError) -> RegistryError {
         Some("CAPACITY") => {
             let (load, capacity) = two_numbers();
             return RegistryError::AtCapacity { load, capacity };
+        }
+        Some("FOREIGN") => {
+            let detail = e.detail().unwrap_or("");
+            let (pttl, addr) = detail.split_once(' ').unwrap_or((detail, ""));
+            return RegistryError::LeaseHeldElsewhere {
+                addr: addr.to_owned(),
+                pttl_ms: pttl.parse().unwrap_or(-1),
+            };
         }
         Some("HELD") => {
             let detail = e.detail().unwrap_or("");

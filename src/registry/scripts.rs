@@ -38,15 +38,15 @@ end
 -- A lease whose TTL ran down past half belongs to a head that is probably
 -- gone (crashed, hung, cut off): "stale", tried last and not counted.
 local function head_state(key)
-  local h = redis.call('HMGET', key, 'state', 'ttl_ms', 'addr')
-  if not h[1] then return nil, nil end
+  local h = redis.call('HMGET', key, 'state', 'ttl_ms', 'addr', 'started_ms')
+  if not h[1] then return nil, nil, nil end
   local state = h[1]
   local ttl = tonumber(h[2] or '0')
   local pttl = redis.call('PTTL', key)
   if state == 'ready' and ttl > 0 and pttl >= 0 and pttl < ttl / 2 then
     state = 'stale'
   end
-  return state, h[3]
+  return state, h[3], h[4]
 end
 -- The epoch counter as a string, seeded from `seed` when Redis lost it
 -- (fresh, restarted or flushed), far above any epoch handed out before.
@@ -64,36 +64,47 @@ fn with_lib(body: &str) -> Script {
 /// head's turn, sweeps the registry for expired heads.
 ///
 /// The sweep is what keeps a head's Redis cost independent of the number
-/// of heads: one head at a time (whichever refresh first finds
-/// `{ns}:sweep` free, `SET NX` for one lease TTL) reads every lease,
+/// of heads. The load digest `{ns}:loads` lives one lease TTL; the refresh
+/// that finds it gone (it reads it in the same `MGET` as the heads
+/// version, so looking costs nothing) sweeps: it reads every lease,
 /// removes the ids whose lease expired from the heads set (bumping the
 /// heads version, so that every head notices at its next refresh) and
-/// writes the load digest that every other refresh reads back in the same
-/// `MGET` as the heads version.
+/// writes the digest again. Scripts run one at a time, so one head sweeps
+/// per lease TTL for the whole cluster.
 ///
 /// KEYS: 1 head hash, 2 heads set, 3 the head's assignment hash, 4 the
-/// head's fence list, 5 the heads version counter, 6 the load digest,
-/// 7 the sweep turn.
+/// head's fence list, 5 the heads version counter, 6 the load digest.
 /// ARGV: 1 head id, 2 addr, 3 lease ms, 4 started ms, 5 state, 6 write
 /// (`1`: write the lease's fields even though it exists: the process's
-/// first refresh, or a new state), 7 head key prefix, 8 assignment-hash
-/// key prefix.
+/// first refresh, or a new state), 7 instance (a random token naming the
+/// head process), 8 head key prefix, 9 assignment-hash key prefix.
 /// Returns `{existed, heads version, assigned, digest, {gone...},
 /// fence...}`: existed is 1 if the lease still existed (a refresh), 0 if
 /// it was created; assigned is how many workers the registry counts for
 /// the head; digest is `W R least live` (workers assigned to live heads,
-/// ready heads, the least load of a ready head, live heads) or empty;
-/// gone are the expired heads this call removed (this head announces
-/// them); each fence entry is `epoch:worker`.
+/// ready heads, the least load of a ready head, live heads); gone are the
+/// expired heads this call removed (this head announces them); each fence
+/// entry is `epoch:worker`.
+///
+/// Fails with `FOREIGN pttl addr`, touching nothing, when the lease names
+/// another instance: a second process under this head id, or one that
+/// took the id while this process's lease had lapsed. The head decides
+/// (see `services/head/lease.rs`): wait for a crashed predecessor's lease
+/// to run out, or refuse to start.
 pub static REFRESH_LEASE: LazyLock<Script> = LazyLock::new(|| {
     with_lib(
         r#"
--- Runs once an interval per head: a quiet refresh is PEXPIRE, MGET,
--- PEXPIRE, HLEN, SET NX and LRANGE. PEXPIRE answers 0 when the lease is
+-- Runs once an interval per head: a quiet refresh is HGET, PEXPIRE,
+-- MGET, PEXPIRE, HLEN and LRANGE. PEXPIRE answers 0 when the lease is
 -- gone.
+local holder = redis.call('HGET', KEYS[1], 'instance')
+if holder and holder ~= '' and holder ~= ARGV[7] then
+  local addr = redis.call('HGET', KEYS[1], 'addr') or ''
+  return redis.error_reply(string.format('FOREIGN %d ', redis.call('PTTL', KEYS[1])) .. addr)
+end
 local existed, version, digest = 1, nil, nil
 local function write()
-  redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3])
+  redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3], 'instance', ARGV[7])
 end
 if redis.call('PEXPIRE', KEYS[1], ARGV[3]) == 0 then
   existed = 0
@@ -120,15 +131,17 @@ else
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 local assigned = redis.call('HLEN', KEYS[3])
+if not digest then digest = redis.call('GET', KEYS[6]) or '' end
 local gone = {}
-if redis.call('SET', KEYS[7], ARGV[1], 'NX', 'PX', ARGV[3]) then
-  -- This head's turn to sweep: every lease, once per lease TTL for the
-  -- whole cluster. W and the ready heads are counted as ASSIGN counts them.
+if digest == '' then
+  -- The digest expired: this head's turn to sweep, once per lease TTL
+  -- for the whole cluster. W and the ready heads are counted as ASSIGN
+  -- counts them.
   local total, ready, live, least = 0, 0, 0, -1
   for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-    local state = head_state(ARGV[7] .. id)
+    local state = head_state(ARGV[8] .. id)
     if state then
-      local load = redis.call('HLEN', ARGV[8] .. id)
+      local load = redis.call('HLEN', ARGV[9] .. id)
       live = live + 1
       total = total + load
       if state == 'ready' then
@@ -145,9 +158,7 @@ if redis.call('SET', KEYS[7], ARGV[1], 'NX', 'PX', ARGV[3]) then
   if #gone > 0 then version = redis.call('INCR', KEYS[5]) end
   if least < 0 then least = 0 end
   digest = string.format('%d %d %d %d', total, ready, least, live)
-  redis.call('SET', KEYS[6], digest, 'PX', 3 * tonumber(ARGV[3]))
-elseif not digest then
-  digest = redis.call('GET', KEYS[6]) or ''
+  redis.call('SET', KEYS[6], digest, 'PX', ARGV[3])
 end
 local out = {existed, version, assigned, digest, gone}
 local fenced = redis.call('LRANGE', KEYS[4], 0, -1)
@@ -185,24 +196,18 @@ return 1
 /// assigned workers, start time (Unix ms), for each head. Three commands
 /// per head (`HMGET`, `PTTL`, `HLEN`).
 pub static LIVE_HEADS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_lib(
         r#"
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[1] .. id
-  local h = redis.call('HMGET', key, 'state', 'ttl_ms', 'addr', 'started_ms')
-  if h[1] then
-    local state = h[1]
-    local ttl = tonumber(h[2] or '0')
-    local pttl = redis.call('PTTL', key)
-    if state == 'ready' and ttl > 0 and pttl >= 0 and pttl < ttl / 2 then
-      state = 'stale'
-    end
+  local state, addr, started = head_state(key)
+  if state then
     table.insert(out, id)
-    table.insert(out, h[3] or '')
+    table.insert(out, addr or '')
     table.insert(out, state)
     table.insert(out, redis.call('HLEN', ARGV[2] .. id))
-    table.insert(out, h[4] or '0')
+    table.insert(out, started or '0')
   end
 end
 return out

@@ -7,6 +7,8 @@
 // Each test file is its own crate and uses a different part of this.
 #![allow(dead_code)]
 
+pub mod chaos;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -366,4 +368,24 @@ pub fn command_calls(redis: &tether::localcluster::RedisServer) -> BTreeMap<Stri
         })
         .filter(|(name, _)| name != "info")
         .collect()
+}
+
+/// The strings of a Redis array reply (`KEYS`, `HKEYS`, `SMEMBERS`), or a
+/// panic naming `what` for any other reply.
+#[allow(dead_code)]
+pub fn string_set(
+    what: &str,
+    reply: tether::localcluster::Reply,
+) -> std::collections::BTreeSet<String> {
+    use tether::localcluster::Reply;
+    match reply {
+        Reply::Array(Some(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+                other => panic!("{what} answered an item {other:?}"),
+            })
+            .collect(),
+        other => panic!("{what} answered {other:?}"),
+    }
 }

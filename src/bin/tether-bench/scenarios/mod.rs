@@ -81,9 +81,7 @@ impl Common {
             heartbeat_timeout: self.heartbeat_timeout,
         }
         .validate()?;
-        if self.lease_ttl <= self.heartbeat_interval {
-            return Err("--lease-ttl must be larger than --heartbeat-interval".into());
-        }
+        tether::config::check_lease_ttl(self.lease_ttl, self.heartbeat_interval)?;
         if self.workers == Some(0) || self.heads == Some(0) {
             return Err("--heads and --workers must be at least 1".into());
         }
