@@ -325,6 +325,18 @@ pub struct CommonArgs {
     #[arg(long, env = "TETHER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
+    /// Close a gRPC connection that has had no open RPC for this long, so
+    /// that idle clients cannot hold the connection bound. Heartbeat and
+    /// WatchEvents streams are open RPCs: their connections stay.
+    /// At least 1s.
+    #[arg(
+        long,
+        env = "TETHER_IDLE_CONNECTION_TIMEOUT",
+        default_value = "60s",
+        value_parser = parse_idle_connection_timeout
+    )]
+    pub idle_connection_timeout: Duration,
+
     #[command(flatten)]
     pub security: crate::security::SecurityArgs,
 }
@@ -335,6 +347,16 @@ impl CommonArgs {
         self.max_connections
             .unwrap_or_else(crate::server::default_max_connections)
     }
+}
+
+/// `--idle-connection-timeout`: a duration of at least a second (shorter
+/// would close connections between the calls of a busy client).
+pub fn parse_idle_connection_timeout(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("'{text}' is too short; the minimum is 1s"));
+    }
+    Ok(d)
 }
 
 /// A namespace is an id that must not hold braces, which would break the

@@ -9,12 +9,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
-use tonic::transport::server::Connected;
+use tonic::codegen::http;
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::Server;
 use tonic_health::pb::health_server::{Health, HealthServer};
@@ -29,8 +30,9 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// (a call and its heartbeat stream); operators a few more.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
-/// The router type every Tether server uses: the auth layer on top.
-pub type TetherRouter = Router<Stack<AuthLayer, Identity>>;
+/// The router type every Tether server uses: the auth layer on top, then
+/// the count of open streams per connection (see [`StreamsLayer`]).
+pub type TetherRouter = Router<Stack<StreamsLayer, Stack<AuthLayer, Identity>>>;
 
 /// A server builder with the limits, keepalives and security every Tether
 /// port uses, and health plus reflection (v1 and v1alpha) already routed.
@@ -75,6 +77,7 @@ pub fn router(
         // `incoming`). HTTP/2 pings put a timer on every connection's hot
         // path (see docs/BENCHMARKS.md).
         .layer(AuthLayer::new(security.token.clone()))
+        .layer(StreamsLayer)
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha))
@@ -138,9 +141,16 @@ pub async fn bind(
 /// descriptors or memory and the streams already open keep beating. An
 /// accept error (descriptors exhausted anyway) pauses accepting for a
 /// moment instead of spinning.
+///
+/// A connection that greeted but has had no open stream (RPC) for
+/// `idle_timeout` is closed too (see [`StreamsLayer`]), so that HTTP/2
+/// clients that connect and then sit idle cannot hold the bound for ever
+/// either. Heartbeat and WatchEvents streams are open streams: the
+/// connections that carry them are never closed for idleness.
 pub fn incoming(
     listener: TcpListener,
     max_connections: usize,
+    idle_timeout: Duration,
 ) -> impl Stream<Item = std::io::Result<Limited<TcpStream>>> {
     let max = max_connections.max(1);
     Bounded {
@@ -156,8 +166,12 @@ pub fn incoming(
         pause: None,
         refused: 0,
         evicted: 0,
+        idle_timeout,
     }
 }
+
+/// Connections closed because they had no open stream for too long.
+static IDLE_CLOSED: AtomicU64 = AtomicU64::new(0);
 
 /// How long a new connection may take to send its first
 /// [`GREETING_BYTES`]. Real clients send them in the same round trip as
@@ -210,6 +224,14 @@ pub struct Limited<IO> {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Evicted connections not yet closed (see [`MAX_CLOSING`]).
     closing: Arc<AtomicUsize>,
+    /// The streams open on this connection, counted by [`StreamsLayer`].
+    streams: Arc<Streams>,
+    /// See [`incoming`].
+    idle_timeout: Duration,
+    /// Once the connection greeted: when to look at `streams` next.
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Closed for idleness: every read from now on is end of file.
+    idle_closed: bool,
 }
 
 /// What the acceptor and a connection share.
@@ -246,6 +268,8 @@ struct Bounded {
     refused: u64,
     /// Connections evicted, for the log.
     evicted: u64,
+    /// See [`incoming`].
+    idle_timeout: Duration,
 }
 
 impl Bounded {
@@ -305,6 +329,10 @@ impl Bounded {
             due: GREETING_BYTES,
             deadline: Some(Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT))),
             closing: self.closing.clone(),
+            streams: Arc::new(Streams::default()),
+            idle_timeout: self.idle_timeout,
+            idle_timer: None,
+            idle_closed: false,
         }
     }
 }
@@ -365,7 +393,37 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let Some(deadline) = this.deadline.as_mut() else {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
+            if this.idle_closed {
+                return Poll::Ready(Ok(()));
+            }
+            let read = Pin::new(&mut this.io).poll_read(cx, buf);
+            // The timer is looked at only when the connection parks (no
+            // bytes to read), never per message; it fires once per
+            // `idle_timeout` at most, whatever the traffic.
+            if read.is_pending() {
+                if let Some(timer) = this.idle_timer.as_mut() {
+                    while timer.as_mut().poll(cx).is_ready() {
+                        match this.streams.next_check(this.idle_timeout) {
+                            Some(at) => timer.as_mut().reset(at),
+                            None => {
+                                this.idle_closed = true;
+                                let n = IDLE_CLOSED.fetch_add(1, Ordering::Relaxed) + 1;
+                                if n.is_power_of_two() {
+                                    warn!(
+                                        idle_closed = n,
+                                        "closed connections that had no open stream for {:?}",
+                                        this.idle_timeout
+                                    );
+                                }
+                                // End of file: hyper closes the connection,
+                                // which has no stream to lose.
+                                return Poll::Ready(Ok(()));
+                            }
+                        }
+                    }
+                }
+            }
+            return read;
         };
         let evicted = || {
             Poll::Ready(Err(std::io::Error::new(
@@ -405,6 +463,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
                 }
                 this.deadline = None;
                 lock(&this.slot.waker).take();
+                this.streams.mark_idle();
+                this.idle_timer = Some(Box::pin(tokio::time::sleep(this.idle_timeout)));
             }
         }
         read
@@ -442,9 +502,173 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
 }
 
 impl<IO: Connected> Connected for Limited<IO> {
-    type ConnectInfo = IO::ConnectInfo;
+    type ConnectInfo = ConnInfo<IO::ConnectInfo>;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        ConnInfo {
+            inner: self.io.connect_info(),
+            streams: self.streams.clone(),
+        }
+    }
+}
+
+/// What a request learns of its connection (in its extensions): the
+/// socket's own information, and the connection's stream count.
+#[derive(Debug, Clone)]
+pub struct ConnInfo<T> {
+    /// The socket's information (addresses).
+    pub inner: T,
+    streams: Arc<Streams>,
+}
+
+/// The streams open on one connection and since when there are none.
+/// Changed only when a stream opens or ends, never per message.
+#[derive(Debug, Default)]
+struct Streams {
+    open: AtomicUsize,
+    /// When `open` last dropped to zero, in milliseconds since [`epoch`].
+    idle_since: AtomicU64,
+}
+
+/// The origin of [`Streams::idle_since`].
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn millis_since_epoch(at: Instant) -> u64 {
+    at.saturating_duration_since(epoch()).as_millis() as u64
+}
+
+impl Streams {
+    fn mark_idle(&self) {
+        self.idle_since
+            .fetch_max(millis_since_epoch(Instant::now()), Ordering::AcqRel);
+    }
+
+    /// When to look again, or `None` when the connection has had no
+    /// stream for `idle_timeout` and must close.
+    fn next_check(&self, idle_timeout: Duration) -> Option<tokio::time::Instant> {
+        let now = Instant::now();
+        if self.open.load(Ordering::Acquire) > 0 {
+            return Some((now + idle_timeout).into());
+        }
+        let since = epoch() + Duration::from_millis(self.idle_since.load(Ordering::Acquire));
+        let due = since + idle_timeout;
+        (due > now).then(|| due.into())
+    }
+}
+
+/// One open stream; ends when dropped.
+#[derive(Debug)]
+struct OpenStream(Arc<Streams>);
+
+impl OpenStream {
+    fn new(streams: &Arc<Streams>) -> Self {
+        streams.open.fetch_add(1, Ordering::AcqRel);
+        Self(streams.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.mark_idle();
+        }
+    }
+}
+
+/// A tower layer that counts the streams (RPCs) open on each connection
+/// accepted by [`incoming`]: a stream opens when its request arrives and
+/// ends when its response body ends or is dropped (a reset stream, a
+/// cancelled call). A Heartbeat or WatchEvents stream is open for its
+/// whole life; a health check for a round trip.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamsLayer;
+
+impl<S> tower::Layer<S> for StreamsLayer {
+    type Service = CountStreams<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CountStreams { inner }
+    }
+}
+
+/// The service made by [`StreamsLayer`].
+#[derive(Debug, Clone)]
+pub struct CountStreams<S> {
+    inner: S,
+}
+
+/// The boxed future of [`CountStreams`]: one allocation per RPC, not per
+/// message.
+type CountFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for CountStreams<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = CountFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let ext = request.extensions();
+        let streams = ext
+            .get::<ConnInfo<TcpConnectInfo>>()
+            .or_else(|| {
+                ext.get::<TlsConnectInfo<ConnInfo<TcpConnectInfo>>>()
+                    .map(TlsConnectInfo::get_ref)
+            })
+            .map(|info| OpenStream::new(&info.streams));
+        let response = self.inner.call(request);
+        match streams {
+            None => Box::pin(response),
+            Some(open) => Box::pin(async move {
+                let response = response.await?;
+                Ok(response.map(|body| {
+                    tonic::body::Body::new(CountedBody {
+                        inner: body,
+                        open: Some(open),
+                    })
+                }))
+            }),
+        }
+    }
+}
+
+/// A response body that holds its stream open until it ends.
+struct CountedBody {
+    inner: tonic::body::Body,
+    open: Option<OpenStream>,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = <tonic::body::Body as http_body::Body>::Data;
+    type Error = <tonic::body::Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.open = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -885,3 +885,149 @@ async fn idle_connections_cannot_fill_the_bound_and_are_closed_after_the_handsha
     }
     assert_no_panic(&cluster);
 }
+
+/// A connection that completed the HTTP/2 handshake but has no open
+/// stream is closed once it has had none for `--idle-connection-timeout`
+/// (2 s here): a raw client that sent the preface and its SETTINGS, and
+/// tonic channels that made one health check and then sat idle. The
+/// connections that carry a worker's Heartbeat stream and a WatchEvents
+/// stream stay open well past the timeout, and a channel whose connection
+/// was closed makes its next call on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_open_streams_are_closed_after_the_idle_timeout() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+    const CHANNELS: usize = 20;
+    let mut cluster = cluster();
+    let head_args: Vec<&str> = HEAD_ARGS
+        .iter()
+        .copied()
+        .chain(["--idle-connection-timeout", "2s"])
+        .collect();
+    ok(cluster.spawn_head(&head_id(0), &head_args));
+    let head = cluster.process("head-0").expect("a head");
+    let (addr, pid) = (head.addr, head.pid());
+    ok(wait_serving(addr, HEAD_SERVICE, START_TIMEOUT).await);
+    ok(cluster.spawn_worker(&worker_id(0), WORKER_ARGS));
+    let heads: Vec<Member> = cluster.heads().map(Member::from).collect();
+    let workers: Vec<Member> = cluster.workers().map(Member::from).collect();
+    let before = settle(&mut Probe::new(), &heads, &workers, START_TIMEOUT).await;
+
+    // A WatchEvents stream on its own connection, read until it ends.
+    let mut events = head_client(addr)
+        .watch_events(tether::pb::WatchEventsRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("WatchEvents: {e}"))
+        .into_inner();
+    let watch = tokio::spawn(async move {
+        loop {
+            match events.message().await {
+                Ok(Some(_)) => continue,
+                end => return format!("{end:?}"),
+            }
+        }
+    });
+    let streams_opened = Instant::now();
+    // The probe connections of `settle` may still be open: wait until
+    // they are gone (or, before the idle timeout existed, for ever).
+    tokio::time::sleep(IDLE_TIMEOUT + Duration::from_secs(1)).await;
+    let fds_base = fds(pid);
+
+    // A raw HTTP/2 client: the preface and an empty SETTINGS frame, then
+    // nothing.
+    let mut raw = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    tokio::io::AsyncWriteExt::write_all(
+        &mut raw,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("preface: {e}"));
+    let raw_greeted = Instant::now();
+    // Tonic channels that make one call each and then sit idle.
+    let mut idle = Vec::new();
+    for i in 0..CHANNELS {
+        let mut p = Probe::new();
+        let answer = p.health(addr, "").await;
+        assert!(
+            matches!(answer, Ok(ServingStatus::Serving)),
+            "health check {i}: {answer:?}"
+        );
+        idle.push(p);
+    }
+    let fds_open = fds(pid);
+
+    // The raw client is closed by the head (end of file or reset), after
+    // about the timeout; the head's SETTINGS come first.
+    let mut bytes = [0u8; 256];
+    let raw_closed = loop {
+        match tokio::time::timeout(
+            Duration::from_secs(15),
+            tokio::io::AsyncReadExt::read(&mut raw, &mut bytes),
+        )
+        .await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => break Some(raw_greeted.elapsed()),
+            Ok(Ok(_)) => continue,
+            Err(_) => break None,
+        }
+    };
+    let raw_closed = raw_closed.unwrap_or_else(|| {
+        panic!("a handshaken connection with no stream was still open 15 s later (idle timeout {IDLE_TIMEOUT:?})")
+    });
+    assert!(
+        raw_closed >= IDLE_TIMEOUT - Duration::from_millis(100)
+            && raw_closed <= IDLE_TIMEOUT + Duration::from_secs(3),
+        "the idle raw connection closed {raw_closed:?} after its greeting; expected about {IDLE_TIMEOUT:?}"
+    );
+    // So are the idle channels' connections: the head's descriptors go
+    // back to what the worker's and the watcher's connections hold.
+    let mut fds_now = fds_open;
+    let released = wait_until(
+        IDLE_TIMEOUT + Duration::from_secs(5),
+        Duration::from_millis(100),
+        async || {
+            fds_now = fds(pid);
+            fds_now <= fds_base
+        },
+    )
+    .await;
+    let released_after = raw_greeted.elapsed();
+    assert!(
+        released,
+        "head fds {fds_base} before {CHANNELS} idle channels, {fds_open} with them, still {fds_now} {released_after:?} later"
+    );
+    // A closed channel makes its next call on a new connection.
+    let again = idle[0].health(addr, "").await;
+    assert!(
+        matches!(again, Ok(ServingStatus::Serving)),
+        "a call on a channel whose idle connection was closed: {again:?}"
+    );
+
+    // The streams stay open past three timeouts.
+    let until = streams_opened + 3 * IDLE_TIMEOUT + Duration::from_secs(1);
+    tokio::time::sleep_until(until.into()).await;
+    assert!(
+        !watch.is_finished(),
+        "the WatchEvents stream ended after {:?}: {}",
+        streams_opened.elapsed(),
+        watch.await.unwrap_or_default()
+    );
+    let after = settle(&mut Probe::new(), &heads, &workers, Duration::from_secs(3)).await;
+    for w in &workers {
+        let (b, a) = (before.status(&w.id).unwrap(), after.status(&w.id).unwrap());
+        assert_eq!(
+            (&a.head_id, a.epoch, a.reassignments, a.attached),
+            (&b.head_id, b.epoch, b.reassignments, true),
+            "{}'s Heartbeat stream was closed by the idle timeout",
+            w.id
+        );
+    }
+    eprintln!(
+        "idle timeout {IDLE_TIMEOUT:?}: raw HTTP/2 connection closed {raw_closed:?} after its greeting; head fds {fds_base} -> {fds_open} with {CHANNELS} idle channels -> {fds_now} {released_after:?} later; WatchEvents and Heartbeat streams open after {:?}",
+        streams_opened.elapsed()
+    );
+    watch.abort();
+    assert_no_panic(&cluster);
+}

@@ -153,7 +153,11 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
         router
             .add_service(head_service)
             .serve_with_incoming_shutdown(
-                server::incoming(listener, args.common.connection_bound()),
+                server::incoming(
+                    listener,
+                    args.common.connection_bound(),
+                    args.common.idle_connection_timeout,
+                ),
                 async {
                     let _ = server_stopped.await;
                 },

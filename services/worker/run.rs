@@ -102,7 +102,11 @@ pub async fn run(
         router
             .add_service(status_service)
             .serve_with_incoming_shutdown(
-                server::incoming(listener, args.common.connection_bound()),
+                server::incoming(
+                    listener,
+                    args.common.connection_bound(),
+                    args.common.idle_connection_timeout,
+                ),
                 async move {
                     server_stop.wait().await;
                 },
