@@ -178,6 +178,12 @@ mod tests {
         assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(
+            parse_idle_connection_timeout("60s").unwrap(),
+            Duration::from_secs(60)
+        );
+        assert!(parse_idle_connection_timeout("500ms").is_err());
+        assert!(parse_idle_connection_timeout("0s").is_err());
         assert!(parse_duration("3").unwrap_err().contains("no unit"));
         assert!(parse_duration("3x").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("ms").is_err());

@@ -880,3 +880,58 @@ async fn a_wrong_redis_password_keeps_the_head_unready_and_says_why() {
         }
     }
 }
+
+/// Over TLS the stream count reaches the idle timeout too: a worker's
+/// Heartbeat stream keeps its TLS connection open well past
+/// `--idle-connection-timeout`, while an idle TLS channel's connection is
+/// closed and its next call opens a new one.
+#[tokio::test]
+async fn tls_heartbeat_streams_outlive_the_idle_connection_timeout() {
+    let pki = Pki::new();
+    let mut cluster = cluster();
+    let mut args = HEAD_ARGS.to_vec();
+    args.extend([
+        "--tls-cert",
+        s(&pki.server_cert),
+        "--tls-key",
+        s(&pki.server_key),
+        "--idle-connection-timeout",
+        "1s",
+    ]);
+    ok(cluster.spawn_head(&head_id(0), &args));
+    let head = cluster.process("head-0").expect("a head");
+    let (addr, pid) = (head.addr, head.pid());
+    let tls = [Pki::channel(addr, &pki.ca, None)];
+    let mut wargs = WORKER_ARGS.to_vec();
+    wargs.extend(["--tls-ca", s(&pki.ca)]);
+    ok(cluster.spawn_worker("worker-00", &wargs));
+    wait_listed(&tls, None, &["worker-00"], START_TIMEOUT).await;
+    let worker = cluster.process("worker-00").expect("a worker").addr;
+    let before = Probe::new().worker_status(worker).await;
+    let before = before.unwrap_or_else(|e| panic!("worker status: {e}"));
+    assert!(before.attached, "{before:?}");
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let fds_busy = fds();
+
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // The channel's idle connection is gone; the worker's is not.
+    let fds_idle = fds();
+    assert!(
+        fds_idle < fds_busy,
+        "head fds {fds_busy} -> {fds_idle}: the idle TLS connection was not closed"
+    );
+    let after = Probe::new().worker_status(worker).await;
+    let after = after.unwrap_or_else(|e| panic!("worker status: {e}"));
+    assert_eq!(
+        (after.attached, after.epoch, after.reassignments),
+        (true, before.epoch, before.reassignments),
+        "the worker's TLS Heartbeat stream was closed by the idle timeout"
+    );
+    let live = health(tls[0].clone(), "").await;
+    assert!(matches!(live, Ok(ServingStatus::Serving)), "{live:?}");
+    eprintln!(
+        "TLS head fds {fds_busy} -> {fds_idle} after 3.5 s idle; worker epoch {} kept",
+        after.epoch
+    );
+    drop(pki.dir);
+}
