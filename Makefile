@@ -46,7 +46,7 @@ demo: redis ## 3 heads, 12 workers: SIGKILL one head (failover times), SIGTERM a
 	target/release/examples/demo $(DEMO_ARGS)
 
 test: test-deps ## Run the whole test suite (each test starts its own Redis)
-	PATH="$(abspath $(TETHER_PYTHON_VENV))/bin:$$PATH" $(CARGO) test $(CARGO_FLAGS) -- $(TEST_ARGS)
+	PATH="$(abspath $(TETHER_PYTHON_VENV))/bin:$$PATH" $(CARGO) test $(CARGO_FLAGS) --no-fail-fast -- $(TEST_ARGS)
 
 chaos: redis ## Chaos with 200 tether-worker processes over SEEDS fresh seeds (about 1.5 min each)
 	TETHER_CHAOS_SEEDS=$(SEEDS) $(CARGO) test $(CARGO_FLAGS) --test chaos_processes -- --nocapture seeded_schedules $(TEST_ARGS)
