@@ -277,6 +277,47 @@ async fn rust_and_python_workers_ride_out_a_seeded_fault_schedule_alike() {
     let mut gone: Vec<String> = Vec::new();
     let mut view = settle(&mut probe, &live(&cluster, &gone), &workers, START_TIMEOUT).await;
 
+    // While the schedule runs, a sampler asks every head and worker four
+    // times a second: no worker may be listed by two heads in two
+    // consecutive samples (a make-before-break handoff overlaps once).
+    let sampled_heads = std::sync::Arc::new(std::sync::Mutex::new(
+        cluster
+            .heads()
+            .map(|h| (h.id.clone(), h.addr))
+            .collect::<Vec<(String, SocketAddr)>>(),
+    ));
+    let (stop_sampling, mut sampling_stopped) = tokio::sync::watch::channel(false);
+    let sampler = {
+        let heads = sampled_heads.clone();
+        let workers: Vec<(String, SocketAddr)> =
+            workers.iter().map(|w| (w.id.clone(), w.addr)).collect();
+        tokio::spawn(async move {
+            let mut channels = std::collections::BTreeMap::new();
+            let mut doubled = common::chaos::DoubleListings::default();
+            let mut violations = Vec::new();
+            let mut samples = 0usize;
+            while !*sampling_stopped.borrow() {
+                let started = Instant::now();
+                let heads = heads.lock().expect("not poisoned").clone();
+                let s = common::chaos::sample(
+                    &mut channels,
+                    &heads,
+                    &workers,
+                    Duration::from_millis(700),
+                )
+                .await;
+                samples += 1;
+                violations.extend(doubled.check(&s));
+                let rest = Duration::from_millis(250).saturating_sub(started.elapsed());
+                tokio::select! {
+                    _ = tokio::time::sleep(rest) => {}
+                    _ = sampling_stopped.changed() => {}
+                }
+            }
+            (samples, doubled.seen, violations)
+        })
+    };
+
     let mut rng = Seeded(seed);
     let mut schedule = vec![Fault::Kill, Fault::Pause, Fault::Terminate, Fault::NewHead];
     for i in (1..schedule.len()).rev() {
@@ -291,6 +332,10 @@ async fn rust_and_python_workers_ride_out_a_seeded_fault_schedule_alike() {
             next_head += 1;
             ok(cluster.spawn_head(&id, HEAD_ARGS));
             let addr = cluster.process(&id).unwrap().addr;
+            sampled_heads
+                .lock()
+                .expect("not poisoned")
+                .push((id.clone(), addr));
             ok(wait_serving(addr, HEAD_SERVICE, START_TIMEOUT).await);
             println!("fault {fault:?}: {id} joined");
             view = settle(&mut probe, &live(&cluster, &gone), &workers, START_TIMEOUT).await;
@@ -351,6 +396,14 @@ async fn rust_and_python_workers_ride_out_a_seeded_fault_schedule_alike() {
         }
         view = settle(&mut probe, &live(&cluster, &gone), &workers, START_TIMEOUT).await;
     }
+    let _ = stop_sampling.send(true);
+    let (samples, seen, violations) = sampler.await.expect("the sampler ran");
+    println!("{samples} samples, {seen} one-sample double listings (handoffs)");
+    assert!(
+        violations.is_empty(),
+        "workers listed by two heads for more than one sample:\n{}",
+        violations.join("\n")
+    );
     let summary = |python: bool| {
         let mut t: Vec<Duration> = times
             .iter()
