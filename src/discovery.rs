@@ -222,6 +222,7 @@ impl Discovery {
                 addr: h.addr,
                 assigned: h.load,
                 started_ms: 0,
+                capacity: h.capacity,
             })
             .collect();
         Ok((heads, answer.version))

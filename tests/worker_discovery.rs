@@ -304,3 +304,27 @@ async fn an_unreachable_bootstrap_list_and_an_old_head_each_get_a_clear_line() {
         "the old head is not an error:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_heads_reports_every_heads_capacity_from_its_lease() {
+    let mut cluster = cluster();
+    ok(cluster.spawn_head("head-0", HEAD_ARGS));
+    let mut capped: Vec<&str> = HEAD_ARGS.to_vec();
+    capped.extend(["--capacity", "7"]);
+    ok(cluster.spawn_head("head-1", &capped));
+    for h in cluster.heads() {
+        ok(wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
+    }
+    // Asked of the head without a cap: the other's cap comes from its lease.
+    let addr = cluster.process("head-0").unwrap().addr;
+    let answer = list_heads(addr, "w").await.expect("ListHeads answers");
+    let caps: Vec<(&str, u64)> = answer
+        .heads
+        .iter()
+        .map(|h| (h.head_id.as_str(), h.capacity))
+        .collect();
+    assert!(
+        caps.contains(&("head-1", 7)) && caps.contains(&("head-0", 0)),
+        "{caps:?}"
+    );
+}

@@ -102,8 +102,9 @@ impl HeadsView {
 
 /// The heads in the order `worker` should try them: ready heads below the
 /// load bound in rendezvous order, then ready heads at it, then stale
-/// heads, then draining ones. `own` is the answering head, whose capacity
-/// is the only one known.
+/// heads, then draining ones. A head at its `--capacity` counts as at the
+/// bound. `own` is the answering head, whose capacity it knows first-hand;
+/// the others' come from their leases.
 pub fn preference(
     worker: &str,
     heads: &[HeadEntry],
@@ -122,8 +123,9 @@ pub fn preference(
             .copied()
             .collect()
     }
-    let (under, full): (Vec<&HeadEntry>, Vec<&HeadEntry>) =
-        ready.into_iter().partition(|h| h.assigned < bound);
+    let (under, full): (Vec<&HeadEntry>, Vec<&HeadEntry>) = ready
+        .into_iter()
+        .partition(|h| h.assigned < bound && (h.capacity == 0 || h.assigned < h.capacity));
     let stale = heads.iter().filter(|h| h.state == "stale").collect();
     let draining = heads.iter().filter(|h| h.state == "draining").collect();
     [under, full, stale, draining]
@@ -139,7 +141,7 @@ pub fn preference(
                 _ => HeadState::Unspecified,
             } as i32,
             load: h.assigned,
-            capacity: if h.id == own.0 { own.1 } else { 0 },
+            capacity: if h.id == own.0 { own.1 } else { h.capacity },
         })
         .collect()
 }
@@ -155,6 +157,7 @@ mod tests {
             state: state.into(),
             assigned,
             started_ms: 0,
+            capacity: 0,
         }
     }
 

@@ -402,6 +402,7 @@ mod tests {
             state: state.into(),
             assigned,
             started_ms: 1,
+            capacity: 0,
         }
     }
 

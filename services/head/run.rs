@@ -85,6 +85,7 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
             ttl: args.lease_ttl,
             started_ms: now_ms(),
             instance: tether::attach::new_instance(),
+            capacity: args.capacity,
         },
         every: args.heartbeat_interval,
         state: lease_state.clone(),

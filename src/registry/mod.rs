@@ -89,6 +89,8 @@ pub struct HeadEntry {
     /// When the head process started (Unix ms): a restart changes it, a
     /// pause does not.
     pub started_ms: i64,
+    /// The head's `--capacity`: 0 for none (or a head too old to say).
+    pub capacity: u64,
 }
 
 /// What opening a stream found in the head's assignments.
@@ -209,6 +211,9 @@ pub struct LeaseInfo {
     /// A random token naming this head process, so that a second process
     /// under the same id is told apart from this one's own refreshes.
     pub instance: String,
+    /// The head's hard cap on workers (0: none), shown to workers by
+    /// `ListHeads`.
+    pub capacity: u64,
 }
 
 /// A handle to the registry: a connection pool and the key layout.
@@ -371,7 +376,8 @@ impl Registry {
             .arg(if write { "1" } else { "0" })
             .arg(&lease.instance)
             .arg(k.head_prefix())
-            .arg(k.assigned_prefix());
+            .arg(k.assigned_prefix())
+            .arg(lease.capacity);
         let reply: Vec<redis::Value> = self
             .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
@@ -472,14 +478,15 @@ impl Registry {
         let flat: Vec<redis::Value> = self
             .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
-        let mut heads = Vec::with_capacity(flat.len() / 5);
-        for chunk in flat.chunks_exact(5) {
+        let mut heads = Vec::with_capacity(flat.len() / 6);
+        for chunk in flat.chunks_exact(6) {
             heads.push(HeadEntry {
                 id: text(&chunk[0])?,
                 addr: text(&chunk[1])?,
                 state: text(&chunk[2])?,
                 assigned: number(&chunk[3])?,
                 started_ms: text(&chunk[4])?.parse().unwrap_or(0),
+                capacity: text(&chunk[5])?.parse().unwrap_or(0),
             });
         }
         heads.sort_by(|a, b| a.id.cmp(&b.id));
