@@ -300,10 +300,24 @@ pub fn parse_args_and_matches<T: clap::Parser>(name: &str) -> (T, clap::ArgMatch
                     },
                 );
             }
+            // clap's message on one line, with what it names on the next
+            // lines (a missing `<HEAD_ID>`, `[possible values: ...]`), but
+            // not its usage.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("{name}: {first} (see --help)");
+            let said: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let said = said.join(" ");
+            let said = said.strip_prefix("error: ").unwrap_or(&said);
+            let said = if said.is_empty() {
+                "invalid arguments"
+            } else {
+                said
+            };
+            eprintln!("{name}: {said} (see --help)");
             std::process::exit(2);
         }
     }

@@ -256,3 +256,34 @@ async fn reflection_v1_and_v1alpha_describe_both_processes() {
         }
     }
 }
+
+/// `Health/Watch` sends a message when readiness changes, not at every
+/// lease refresh (every 200 ms here): a quiet head sends its SERVING once.
+#[tokio::test]
+async fn health_watch_on_a_quiet_head_sends_serving_once() {
+    let cluster = start_cluster(1, 0).await;
+    let head = cluster.process("head-0").expect("a head").addr;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel(head));
+    let mut stream = client
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: HEAD_SERVICE.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("Health/Watch: {s:?}"))
+        .into_inner();
+    let mut seen = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(m) = tokio::time::timeout_at(until, stream.message()).await {
+        match m {
+            Ok(Some(answer)) => {
+                seen.push(ServingStatus::try_from(answer.status).unwrap_or(ServingStatus::Unknown))
+            }
+            end => panic!("the Watch stream ended: {end:?} after {seen:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [ServingStatus::Serving],
+        "3 s of Health/Watch on a quiet head (15 lease refreshes)"
+    );
+}

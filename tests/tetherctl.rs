@@ -147,7 +147,7 @@ async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
         .unwrap_or_else(|| panic!("no line for head-0:\n{status}"));
     let fields: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(fields[4], FLEET.to_string(), "STREAMS of {line:?}");
-    assert!(fields[5].ends_with("ms"), "beat age p50 in {line:?}");
+    assert!(fields[5].ends_with('s'), "beat age p50 in {line:?}");
     assert!(
         status.lines().count() < 20 && status.contains("tetherctl status --workers HEAD"),
         "status should summarise {FLEET} workers:\n{status}"
@@ -338,5 +338,122 @@ async fn watch_shows_the_failover_of_the_head_it_watches() {
         exit.is_some_and(|s| s.success()),
         "tetherctl watch after SIGINT: {exit:?}; {}",
         watcher.output()
+    );
+}
+
+/// The first run of exactly 13 digits in `text`: a raw Unix millisecond
+/// time, which people cannot read. (Epochs have 16.)
+fn unix_ms_in(text: &str) -> Option<&str> {
+    text.split(|c: char| !c.is_ascii_digit())
+        .find(|run| run.len() == 13)
+}
+
+/// Whether `text` holds a UTC RFC 3339 date to the millisecond, such as
+/// `2025-01-02T12:03:04.512Z`.
+fn has_date(text: &str) -> bool {
+    text.split_whitespace().any(|word| {
+        let b = word.as_bytes();
+        b.len() == 24
+            && b[4] == b'-'
+            && b[7] == b'-'
+            && b[10] == b'T'
+            && b[13] == b':'
+            && b[16] == b':'
+            && b[19] == b'.'
+            && b[23] == b'Z'
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tetherctl_prints_dates_and_ages_not_unix_milliseconds() {
+    let cluster = start_cluster(1, 2).await;
+    let url = cluster.redis().url();
+    let mut watcher = Watcher::start(&url);
+    watcher
+        .wait_line("watching the cluster's events through head ", START_TIMEOUT)
+        .await;
+
+    for args in [&["status"][..], &["status", "--workers", "head-0"]] {
+        let out = tetherctl(&url, args);
+        assert!(unix_ms_in(&out).is_none(), "tetherctl {args:?}:\n{out}");
+        assert!(
+            has_date(&out),
+            "no attach date in tetherctl {args:?}:\n{out}"
+        );
+        let worker = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("worker-00 "))
+            .unwrap_or_else(|| panic!("no line for worker-00 in {args:?}:\n{out}"));
+        assert!(worker.ends_with(" ago"), "last beat of {worker:?}");
+        let head = out
+            .lines()
+            .find(|l| l.starts_with("head-0 "))
+            .unwrap_or_else(|| panic!("no line for head-0:\n{out}"));
+        let p50 = head.split_whitespace().nth(5).unwrap_or("");
+        assert!(
+            p50.ends_with("ms") || p50.ends_with('s'),
+            "beat age p50 {p50:?} of {head:?}"
+        );
+    }
+
+    let drained = tetherctl(&url, &["drain", "head-0"]);
+    assert!(
+        unix_ms_in(&drained).is_none(),
+        "tetherctl drain:\n{drained}"
+    );
+    assert!(
+        drained.contains("at the latest at ") && has_date(&drained),
+        "tetherctl drain:\n{drained}"
+    );
+
+    let line = watcher
+        .wait_line("head head-0 is draining", START_TIMEOUT)
+        .await;
+    assert!(has_date(&line), "watch line {line:?}");
+    let out = watcher.stdout().join("\n");
+    assert!(unix_ms_in(&out).is_none(), "tetherctl watch:\n{out}");
+    assert!(
+        watcher.stdout().iter().all(|l| has_date(l)),
+        "every watch line starts with its date:\n{out}"
+    );
+}
+
+#[test]
+fn tetherctl_names_a_missing_head_id_and_log_format_values() {
+    let out = ok(run_to_exit(
+        Path::new(TETHERCTL),
+        &["drain"],
+        Duration::from_secs(20),
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("HEAD_ID"), "tetherctl drain: {stderr}");
+
+    let head = env!("CARGO_BIN_EXE_tether-head");
+    let out = ok(run_to_exit(
+        Path::new(head),
+        &["--log-format", "xml"],
+        Duration::from_secs(20),
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("text") && stderr.contains("json"),
+        "tether-head --log-format xml: {stderr}"
+    );
+    let out = ok(run_to_exit(
+        Path::new(head),
+        &["-h"],
+        Duration::from_secs(20),
+    ));
+    let help = String::from_utf8_lossy(&out.stdout);
+    let entry: String = help
+        .lines()
+        .skip_while(|l| !l.contains("--log-format"))
+        .take(2)
+        .collect();
+    assert!(
+        entry.contains("possible values: text, json"),
+        "tether-head -h: {entry:?}"
     );
 }

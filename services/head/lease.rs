@@ -59,6 +59,9 @@ pub struct LeaseState {
     foreign_since: Mutex<Option<(Instant, Instant)>>,
     /// Why the lease loop must end, once it must.
     verdict: Mutex<Option<LeaseEnd>>,
+    /// The readiness last published (true: SERVING), so that health
+    /// `Watch` streams hear of changes only.
+    published: Mutex<Option<bool>>,
 }
 
 /// Why the lease loop ended.
@@ -95,6 +98,7 @@ impl Default for LeaseState {
             registered: AtomicBool::new(false),
             foreign_since: Mutex::new(None),
             verdict: Mutex::new(None),
+            published: Mutex::new(None),
         }
     }
 }
@@ -150,8 +154,19 @@ impl LeaseState {
 
 /// Sets readiness from the lease state: SERVING only while held and not
 /// draining.
+///
+/// Only a change is published: tonic-health sends every status set to
+/// every `Watch` stream, equal or not, and this runs at every refresh.
 pub async fn publish_readiness(state: &LeaseState, health: &HealthReporter) {
-    if state.held() && !state.draining() {
+    let serving = state.held() && !state.draining();
+    {
+        let mut published = state.published.lock().unwrap_or_else(|e| e.into_inner());
+        if *published == Some(serving) {
+            return;
+        }
+        *published = Some(serving);
+    }
+    if serving {
         health
             .set_serving::<HeadServiceServer<crate::service::HeadSvc>>()
             .await;

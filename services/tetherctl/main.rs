@@ -4,6 +4,9 @@
 //! over gRPC: `status` shows heads, their load and their workers' beat
 //! ages; `watch` prints the cluster's membership events live; `drain`
 //! drains one head.
+//!
+//! Times are printed as UTC RFC 3339 dates (`2025-01-02T12:03:04.512Z`)
+//! and ages (`3.2s ago`); the proto's fields are Unix milliseconds.
 
 use clap::{Parser, Subcommand};
 use prost::Message;
@@ -214,16 +217,17 @@ impl Ctl {
                 Ok(workers) if every_worker => {
                     println!("\n{head}: {} workers", workers.len());
                     println!(
-                        "  {:<32} {:>8} {:>12} {:>14}",
-                        "WORKER", "EPOCH", "ATTACHED", "LAST BEAT AGO"
+                        "  {:<32} {:>8} {:<24} {:>13} {:>14}",
+                        "WORKER", "EPOCH", "ATTACHED AT", "ATTACHED FOR", "LAST BEAT"
                     );
                     for w in workers {
                         println!(
-                            "  {:<32} {:>8} {:>11}s {:>12}ms",
+                            "  {:<32} {:>8} {:<24} {:>13} {:>14}",
                             w.worker_id,
                             w.epoch,
-                            (now - w.attached_since_ms).max(0) / 1000,
-                            (now - w.last_beat_ms).max(0)
+                            date(w.attached_since_ms),
+                            age(now - w.attached_since_ms),
+                            ago(now - w.last_beat_ms)
                         );
                     }
                 }
@@ -232,7 +236,7 @@ impl Ctl {
         }
         if !brief && !every_worker {
             println!(
-                "\n{listed} workers in all (AGE: ms since each worker's last beat); \
+                "\n{listed} workers in all (AGE: time since each worker's last beat); \
                  more than {LIST_WORKERS_UP_TO}, so not one per line: \
                  `tetherctl status --workers HEAD` lists one head's"
             );
@@ -349,15 +353,18 @@ impl Ctl {
             match gap.take() {
                 None => println!(
                     "{} -- watching the cluster's events through head {} ({})",
-                    now_ms(),
+                    date(now_ms()),
                     primary.head.id,
                     primary.head.addr
                 ),
                 Some((since, why)) => {
                     let now = now_ms();
                     println!(
-                        "{now} -- GAP: events from {since} to {now} ({:.1}s) were missed ({why}); watching through head {} ({}) again",
-                        (now - since) as f64 / 1000.0,
+                        "{} -- GAP: events from {} to {} ({}) were missed ({why}); watching through head {} ({}) again",
+                        date(now),
+                        date(since),
+                        date(now),
+                        age(now - since),
                         primary.head.id,
                         primary.head.addr
                     );
@@ -380,7 +387,7 @@ impl Ctl {
                                 Some(next) => {
                                     println!(
                                         "{} -- {why}; continuing through head {} ({}), whose stream was already open: no event missed",
-                                        now_ms(), next.head.id, next.head.addr
+                                        date(now_ms()), next.head.id, next.head.addr
                                     );
                                     for event in dedup.promote() {
                                         println!("{}", describe(&event));
@@ -390,7 +397,7 @@ impl Ctl {
                                 }
                                 None => {
                                     let since = now_ms();
-                                    println!("{since} -- {why}; events are missed until a stream is open again");
+                                    println!("{} -- {why}; events are missed until a stream is open again", date(since));
                                     gap = Some((since, why));
                                     break;
                                 }
@@ -457,10 +464,11 @@ impl Ctl {
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
             .into_inner();
         println!(
-            "head {} is draining {} workers; it exits once they left, at the latest in {} ms",
+            "head {} is draining {} workers; it exits once they left, at the latest at {} (in {})",
             answer.head_id,
             answer.workers,
-            (answer.deadline_ms - now_ms()).max(0)
+            date(answer.deadline_ms),
+            age(answer.deadline_ms - now_ms())
         );
         Ok(())
     }
@@ -626,13 +634,7 @@ impl fmt::Display for BeatAges {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
             None => write!(f, "{:>7} {:>7} {:>7}", "-", "-", "-"),
-            Some([p50, p99, max]) => write!(
-                f,
-                "{:>7} {:>7} {:>7}",
-                format!("{p50}ms"),
-                format!("{p99}ms"),
-                format!("{max}ms")
-            ),
+            Some([p50, p99, max]) => write!(f, "{:>7} {:>7} {:>7}", age(p50), age(p99), age(max)),
         }
     }
 }
@@ -657,5 +659,57 @@ fn describe(e: &ClusterEvent) -> String {
         EventKind::HeadGone => format!("head {} gone ({})", e.head_id, e.detail),
         EventKind::Unspecified => format!("unknown event {e:?}"),
     };
-    format!("{} {what}", e.at_ms)
+    format!("{} {what}", date(e.at_ms))
+}
+
+/// Unix milliseconds as a UTC RFC 3339 date to the millisecond:
+/// `2025-01-02T12:03:04.512Z`.
+fn date(unix_ms: i64) -> String {
+    let nanos = i128::from(unix_ms) * 1_000_000;
+    match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        ),
+        Err(_) => format!("{unix_ms} (Unix ms, out of range)"),
+    }
+}
+
+/// A duration in milliseconds as people read it: `512ms`, `3.2s`,
+/// `4m05s`, `2h07m`; negative ones (clock skew) count as zero.
+fn age(ms: i64) -> String {
+    let ms = ms.max(0);
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{}m{:02}s", ms / 60_000, ms % 60_000 / 1000),
+        _ => format!("{}h{:02}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
+}
+
+/// How long ago, from an age in milliseconds: `3.2s ago`.
+fn ago(ms: i64) -> String {
+    format!("{} ago", age(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_ages_read_as_people_read_them() {
+        assert_eq!(date(1_735_819_384_512), "2025-01-02T12:03:04.512Z");
+        assert_eq!(date(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(age(-5), "0ms");
+        assert_eq!(age(512), "512ms");
+        assert_eq!(ago(3_249), "3.2s ago");
+        assert_eq!(age(245_000), "4m05s");
+        assert_eq!(age(7_620_000), "2h07m");
+    }
 }
