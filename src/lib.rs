@@ -3,15 +3,17 @@
 //!
 //! Heads register in Redis under a lease and stream heartbeats to their
 //! workers over bidirectional gRPC streams; when a head vanishes, its
-//! workers pick another live head from the registry and move there with a
-//! `Reassign` call.
+//! workers pick another live head (from any head's `ListHeads`, or from the
+//! registry) and move there with a `Reassign` call, whose per-assignment
+//! secret the new stream must present.
 //!
 //! # Layout
 //! - [`codec`]: the protobuf codec with small per-call buffers.
 //! - [`pb`]: the generated protocol (`proto/tether/v1/tether.proto`) and
 //!   the descriptor set that reflection serves.
 //! - [`registry`]: everything in Redis: key layout, head leases,
-//!   assignments with epochs (Lua scripts).
+//!   assignments with epochs in each head's hash (Lua scripts; epochs are
+//!   decimal strings there, never Lua numbers).
 //! - [`events`]: membership events through Redis pub/sub.
 //! - [`listing`]: `ListWorkers` in pages: sizes, the head's cut, the
 //!   client loop that reads every page.
