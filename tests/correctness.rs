@@ -330,12 +330,8 @@ async fn a_head_killed_with_its_workers_leaves_nothing_in_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adoptions_without_a_stream_expire_and_do_not_fill_the_capacity() {
-    let mut cluster = cluster();
-    let mut args: Vec<&str> = HEAD_ARGS.to_vec();
-    args.extend(["--capacity", "10"]);
-    ok(cluster.spawn_head("head-0", &args));
+    let mut cluster = start_cluster_with(1, &["--capacity", "10"], 0).await;
     let addr = cluster.process("head-0").expect("a head").addr;
-    ok(wait_serving(addr, HEAD_SERVICE, START_TIMEOUT).await);
     // Ten made-up workers are adopted and never open their stream.
     for i in 0..10 {
         let r = bare_reassign(addr, &format!("ghost-{i}")).await;

@@ -354,24 +354,12 @@ async fn thousands_of_connections_do_not_disturb_attached_workers() {
     // The head serves at most MAX_CONNECTIONS connections; the flood asks
     // for more than that.
     const MAX_CONNECTIONS: usize = 3000;
-    let mut cluster = cluster();
     let cap = MAX_CONNECTIONS.to_string();
-    let head_args: Vec<&str> = HEAD_ARGS
-        .iter()
-        .copied()
-        .chain(["--max-connections", cap.as_str()])
-        .collect();
-    ok(cluster.spawn_head(&head_id(0), &head_args));
-    for h in cluster.heads() {
-        ok(wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
-    }
-    for i in 0..6 {
-        ok(cluster.spawn_worker(&worker_id(i), WORKER_ARGS));
-    }
+    let mut cluster = start_cluster_with(1, &["--max-connections", &cap], 6).await;
     let heads: Vec<Member> = cluster.heads().map(Member::from).collect();
     let workers: Vec<Member> = cluster.workers().map(Member::from).collect();
     let mut probe = Probe::new();
-    let before = settle(&mut probe, &heads, &workers, START_TIMEOUT).await;
+    let before = View::take(&mut probe, &heads, &workers).await;
     let head = cluster.process("head-0").expect("a head");
     let (addr, pid) = (head.addr, head.pid());
     let (rss_before, fds_before) = (rss_kib(pid), fds(pid));
@@ -787,23 +775,11 @@ async fn idle_connections_cannot_fill_the_bound_and_are_closed_after_the_handsha
     let _serial = ONE_AT_A_TIME.lock().await;
     const MAX_CONNECTIONS: &str = "64";
     const IDLE: usize = 600;
-    let mut cluster = cluster();
-    let head_args: Vec<&str> = HEAD_ARGS
-        .iter()
-        .copied()
-        .chain(["--max-connections", MAX_CONNECTIONS])
-        .collect();
-    ok(cluster.spawn_head(&head_id(0), &head_args));
-    for h in cluster.heads() {
-        ok(wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
-    }
-    for i in 0..4 {
-        ok(cluster.spawn_worker(&worker_id(i), WORKER_ARGS));
-    }
+    let mut cluster = start_cluster_with(1, &["--max-connections", MAX_CONNECTIONS], 4).await;
     let heads: Vec<Member> = cluster.heads().map(Member::from).collect();
     let workers: Vec<Member> = cluster.workers().map(Member::from).collect();
     let mut probe = Probe::new();
-    let before = settle(&mut probe, &heads, &workers, START_TIMEOUT).await;
+    let before = View::take(&mut probe, &heads, &workers).await;
     let head = cluster.process("head-0").expect("a head");
     let (addr, pid) = (head.addr, head.pid());
     let fds_before = fds(pid);

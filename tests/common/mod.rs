@@ -76,9 +76,15 @@ pub fn worker_id(i: usize) -> String {
 /// SERVING), then starts `workers` workers and waits until the whole
 /// cluster is settled (see [`View::problems`]).
 pub async fn start_cluster(heads: usize, workers: usize) -> Cluster {
+    start_cluster_with(heads, &[], workers).await
+}
+
+/// [`start_cluster`] with `head_extra` after [`HEAD_ARGS`] on every head.
+pub async fn start_cluster_with(heads: usize, head_extra: &[&str], workers: usize) -> Cluster {
     let mut cluster = cluster();
+    let args: Vec<&str> = HEAD_ARGS.iter().chain(head_extra).copied().collect();
     for i in 0..heads {
-        ok(cluster.spawn_head(&head_id(i), HEAD_ARGS));
+        ok(cluster.spawn_head(&head_id(i), &args));
     }
     for head in cluster.heads() {
         if let Err(e) = wait_serving(head.addr, HEAD_SERVICE, START_TIMEOUT).await {
