@@ -542,6 +542,27 @@ async fn open(
     })
 }
 
+/// How long a stopping worker waits for its head to acknowledge the end
+/// of the stream. Short: a head that does not answer will see the
+/// connection close anyway.
+const GOODBYE: Duration = Duration::from_millis(500);
+
+/// Ends the stream cleanly: the head then reports a clean exit
+/// (`WORKER_LEFT`, "exited cleanly") rather than a lost connection, and
+/// releases the assignment at once instead of after a timeout.
+async fn goodbye(link: Link) {
+    let Link {
+        tx, mut inbound, ..
+    } = link;
+    // Dropping the sender ends the request stream (END_STREAM); the head
+    // answers by ending its half.
+    drop(tx);
+    let _ = tokio::time::timeout(GOODBYE, async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
+}
+
 type Move<'a> = Pin<Box<dyn Future<Output = Result<Link, String>> + Send + 'a>>;
 
 type Refresh<'a> = Pin<Box<dyn Future<Output = Result<Vec<HeadEntry>, String>> + Send + 'a>>;
@@ -573,7 +594,12 @@ async fn hold(
     let mut old_dead = false;
     loop {
         tokio::select! {
-            _ = shutdown.wait() => return Ended::Shutdown,
+            _ = shutdown.wait() => {
+                if !old_dead {
+                    goodbye(link).await;
+                }
+                return Ended::Shutdown;
+            }
             _ = &mut deadline, if !old_dead => {
                 if moving.is_some() {
                     old_dead = true;

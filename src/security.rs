@@ -45,6 +45,45 @@ pub struct SecurityArgs {
     pub auth_token_file: Option<PathBuf>,
 }
 
+/// The security flags of a program that only dials heads (`tetherctl`):
+/// the same flags and variables as [`SecurityArgs`] minus the server's,
+/// worded for a client, so its `--help` says nothing about serving.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientSecurityArgs {
+    /// PEM CA bundle to verify heads with. Setting it makes this program
+    /// dial heads with TLS.
+    #[arg(long, env = "TETHER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate chain, for heads that require mutual TLS
+    /// (needs --tls-key and --tls-ca).
+    #[arg(long, env = "TETHER_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TETHER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// A file holding the heads' shared secret, sent with every call as
+    /// `authorization: Bearer SECRET`.
+    #[arg(long, env = "TETHER_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+}
+
+impl ClientSecurityArgs {
+    /// Loads the files named by the flags; errors are one line.
+    pub fn load(&self) -> Result<ClientSecurity, String> {
+        let all = SecurityArgs {
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_client_ca: None,
+            tls_ca: self.tls_ca.clone(),
+            auth_token_file: self.auth_token_file.clone(),
+        };
+        all.load_client()
+    }
+}
+
 /// The secret bearer token; its `Debug` never shows it.
 #[derive(Clone)]
 pub struct Token(Arc<Vec<u8>>);
@@ -141,44 +180,49 @@ fn read(path: &Path, flag: &str) -> Result<Vec<u8>, String> {
 }
 
 impl SecurityArgs {
-    /// Loads the files named by the flags. Errors are one line, fit for
-    /// exiting with status 2 before anything starts.
-    pub fn load(&self) -> Result<(ServerSecurity, ClientSecurity), String> {
+    /// The client half only: no server certificate check, for programs
+    /// that never serve.
+    fn load_client(&self) -> Result<ClientSecurity, String> {
         let token = self
             .auth_token_file
             .as_deref()
             .map(Token::from_file)
             .transpose()?;
-        let identity = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Some(Identity::from_pem(
-                read(cert, "--tls-cert")?,
-                read(key, "--tls-key")?,
-            )),
-            _ => None,
-        };
-        let server_tls = identity.clone().map(|id| {
-            let mut tls = ServerTlsConfig::new().identity(id);
-            if let Some(ca) = &self.tls_client_ca {
-                if let Ok(pem) = read(ca, "--tls-client-ca") {
-                    tls = tls.client_ca_root(Certificate::from_pem(pem));
-                }
-            }
-            tls
-        });
-        if let Some(ca) = &self.tls_client_ca {
-            read(ca, "--tls-client-ca")?;
-        }
-        let client_tls = match &self.tls_ca {
+        let tls = match &self.tls_ca {
             Some(ca) => {
                 let mut tls = ClientTlsConfig::new()
                     .ca_certificate(Certificate::from_pem(read(ca, "--tls-ca")?));
-                if let Some(id) = identity {
-                    tls = tls.identity(id);
+                if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+                    tls = tls.identity(Identity::from_pem(
+                        read(cert, "--tls-cert")?,
+                        read(key, "--tls-key")?,
+                    ));
                 }
                 Some(tls)
             }
             None => None,
         };
+        Ok(ClientSecurity { tls, token })
+    }
+
+    /// Loads the files named by the flags. Errors are one line, fit for
+    /// exiting with status 2 before anything starts.
+    pub fn load(&self) -> Result<(ServerSecurity, ClientSecurity), String> {
+        let client = self.load_client()?;
+        let server_tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let id = Identity::from_pem(read(cert, "--tls-cert")?, read(key, "--tls-key")?);
+                let mut tls = ServerTlsConfig::new().identity(id);
+                if let Some(ca) = &self.tls_client_ca {
+                    tls = tls.client_ca_root(Certificate::from_pem(read(ca, "--tls-client-ca")?));
+                }
+                Some(tls)
+            }
+            _ => None,
+        };
+        if let Some(ca) = &self.tls_client_ca {
+            read(ca, "--tls-client-ca")?;
+        }
         if let Some(tls) = &server_tls {
             // Surface a bad certificate or key now, as a configuration
             // error, rather than when the server starts.
@@ -189,12 +233,9 @@ impl SecurityArgs {
         Ok((
             ServerSecurity {
                 tls: server_tls,
-                token: token.clone(),
+                token: client.token.clone(),
             },
-            ClientSecurity {
-                tls: client_tls,
-                token,
-            },
+            client,
         ))
     }
 }

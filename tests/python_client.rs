@@ -386,7 +386,10 @@ async fn python_client_lists_reports_and_watches_a_token_protected_cluster() {
     let token_file = scratch.0.join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("writing the token file");
     let token_arg = token_file.to_str().expect("a UTF-8 path");
-    let head_args = [HEAD_ARGS, &["--auth-token-file", token_arg]].concat();
+    // A 2 s heartbeat timeout: the test compares listings taken moments
+    // apart, and a loaded machine's scheduling stall past 600 ms would
+    // move a worker between them.
+    let head_args = head_args(&["--heartbeat-timeout", "2s", "--auth-token-file", token_arg]);
     let worker_args = [WORKER_ARGS, &["--auth-token-file", token_arg]].concat();
     let mut cluster = cluster();
     for i in 0..2 {

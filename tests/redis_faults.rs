@@ -27,6 +27,13 @@ const SLACK: Duration = Duration::from_millis(1500);
 /// How long the outage tests keep Redis away.
 const OUTAGE: Duration = Duration::from_secs(6);
 
+/// A heartbeat timeout of 2 s instead of 600 ms for the tests that assert
+/// no worker moves: a Redis fault must not stop a beat, and a head that
+/// did stop beating would still be caught within the 6 s fault, while a
+/// loaded machine's scheduling stalls (seen: 700 ms at load 20) are not
+/// mistaken for it.
+const STEADY: &[&str] = &["--heartbeat-timeout", "2s"];
+
 struct Members {
     heads: Vec<Member>,
     workers: Vec<Member>,
@@ -222,7 +229,7 @@ fn kill(signal: &str, pid: u32) {
 #[tokio::test]
 async fn redis_down_for_seconds_moves_no_worker_and_heads_rebuild_within_one_lease() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut cluster = start_cluster(3, 12).await;
+    let mut cluster = start_cluster_with(3, STEADY, 12).await;
     let m = members(&cluster);
     let mut probe = Probe::new();
     let before = settle(&mut probe, &m.heads, &m.workers, START_TIMEOUT).await;
@@ -258,7 +265,7 @@ async fn redis_down_for_seconds_moves_no_worker_and_heads_rebuild_within_one_lea
 #[tokio::test]
 async fn redis_hung_for_seconds_moves_no_worker_and_heads_rebuild_within_one_lease() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = start_cluster(3, 12).await;
+    let cluster = start_cluster_with(3, STEADY, 12).await;
     let m = members(&cluster);
     let mut probe = Probe::new();
     let before = settle(&mut probe, &m.heads, &m.workers, START_TIMEOUT).await;
@@ -291,7 +298,7 @@ async fn redis_hung_for_seconds_moves_no_worker_and_heads_rebuild_within_one_lea
 #[tokio::test]
 async fn redis_restarted_empty_moves_no_worker_and_registry_is_rebuilt() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut cluster = start_cluster(3, 12).await;
+    let mut cluster = start_cluster_with(3, STEADY, 12).await;
     let m = members(&cluster);
     let mut probe = Probe::new();
     let before = settle(&mut probe, &m.heads, &m.workers, START_TIMEOUT).await;
@@ -309,7 +316,7 @@ async fn redis_restarted_empty_moves_no_worker_and_registry_is_rebuilt() {
 #[tokio::test]
 async fn flushall_moves_no_worker_and_registry_is_rebuilt_within_one_lease() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = start_cluster(3, 12).await;
+    let cluster = start_cluster_with(3, STEADY, 12).await;
     let m = members(&cluster);
     let mut probe = Probe::new();
     let before = settle(&mut probe, &m.heads, &m.workers, START_TIMEOUT).await;
@@ -368,7 +375,7 @@ fn raw_command(port: u16, args: &[&str]) -> String {
 #[tokio::test]
 async fn slow_redis_stops_no_beat_and_moves_no_worker() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = start_cluster(3, 12).await;
+    let cluster = start_cluster_with(3, STEADY, 12).await;
     let m = members(&cluster);
     let mut probe = Probe::new();
     let before = settle(&mut probe, &m.heads, &m.workers, START_TIMEOUT).await;

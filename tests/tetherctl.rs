@@ -16,8 +16,15 @@ use tether::pb::{ListWorkersRequest, WorkerInfo};
 const TETHERCTL: &str = env!("CARGO_BIN_EXE_tetherctl");
 
 /// Workers on the one head of the paging test: well above the ~1,800
-/// whose `ListWorkers` used to fit in 64 KiB.
-const FLEET: usize = 5000;
+/// whose `ListWorkers` used to fit in 64 KiB. `TETHER_CTL_FLEET=20000`
+/// runs it at the size the benchmarks hold (needs an open-file limit
+/// above twice that: the fleet and the head share this machine).
+fn fleet_size() -> usize {
+    std::env::var("TETHER_CTL_FLEET")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5000)
+}
 
 /// Runs `tetherctl --redis-url URL ARGS` to its end; its exit status must
 /// be success. Returns its stdout.
@@ -44,6 +51,9 @@ fn tetherctl(redis_url: &str, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
+    let size = fleet_size();
+    // 45 s for 5,000 on a loaded machine; more for a larger fleet.
+    let attach_within = Duration::from_secs(45 * size.div_ceil(5000) as u64);
     let mut cluster = cluster();
     // Slow beats: 5,000 streams of a debug build on a shared machine.
     let head = ok(cluster.spawn_head(
@@ -61,19 +71,17 @@ async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
     ok(tether::localcluster::wait_serving(head, HEAD_SERVICE, START_TIMEOUT).await);
     let url = cluster.redis().url();
     let started = Instant::now();
-    let fleet = Fleet::start(&url, FLEET);
-    let all_attached = wait_until(
-        Duration::from_secs(45),
-        Duration::from_millis(100),
-        async || fleet.attached() == FLEET,
-    )
+    let fleet = Fleet::start(&url, size);
+    let all_attached = wait_until(attach_within, Duration::from_millis(100), async || {
+        fleet.attached() == size
+    })
     .await;
     assert!(
         all_attached,
-        "only {} of {FLEET} workers attached within 45 s",
+        "only {} of {size} workers attached within {attach_within:?}",
         fleet.attached()
     );
-    eprintln!("{FLEET} workers attached in {:?}", started.elapsed());
+    eprintln!("{size} workers attached in {:?}", started.elapsed());
 
     // A client that predates paging: no page_size, no token. It gets the
     // first page of the default size, not OUT_OF_RANGE.
@@ -117,14 +125,14 @@ async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
         }
         token = page.next_page_token;
     }
-    let expected: Vec<String> = (0..FLEET).map(|i| format!("w-{i:05}")).collect();
+    let expected: Vec<String> = (0..size).map(|i| format!("w-{i:05}")).collect();
     assert!(
         ids == expected,
         "{pages} pages listed {} ids: {:?}...",
         ids.len(),
         &ids[..ids.len().min(5)]
     );
-    assert_eq!(pages, FLEET / 1000);
+    assert_eq!(pages, size.div_ceil(1000));
     let refused = client
         .list_workers(ListWorkersRequest {
             page_size: 0,
@@ -136,7 +144,7 @@ async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
 
     // The harness reads every page too.
     let listed = ok(Probe::new().list_workers(head).await);
-    assert_eq!(listed.workers.len(), FLEET);
+    assert_eq!(listed.workers.len(), size);
 
     // `status` summarises: one line per head with its stream count and
     // beat ages, no line per worker.
@@ -146,11 +154,11 @@ async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
         .find(|l| l.starts_with("head-0 "))
         .unwrap_or_else(|| panic!("no line for head-0:\n{status}"));
     let fields: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(fields[4], FLEET.to_string(), "STREAMS of {line:?}");
+    assert_eq!(fields[4], size.to_string(), "STREAMS of {line:?}");
     assert!(fields[5].ends_with('s'), "beat age p50 in {line:?}");
     assert!(
         status.lines().count() < 20 && status.contains("tetherctl status --workers HEAD"),
-        "status should summarise {FLEET} workers:\n{status}"
+        "status should summarise {size} workers:\n{status}"
     );
     // `status --workers head-0` lists every one of them.
     let workers = tetherctl(&url, &["status", "--workers", "head-0"]);
@@ -164,11 +172,11 @@ async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
         .collect();
     assert_eq!(
         listed.len(),
-        FLEET,
+        size,
         "worker lines of status --workers:\n{}",
         &workers[..workers.len().min(2000)]
     );
-    assert!(workers.contains(&format!("head-0: {FLEET} workers")));
+    assert!(workers.contains(&format!("head-0: {size} workers")));
     drop(fleet);
 }
 

@@ -77,7 +77,9 @@ impl Handoff {
     /// Redirects every worker until none is left or the deadline passes.
     /// Workers that have not moved within two intervals are asked again,
     /// with a fresh suggestion (a head may have joined meanwhile).
-    pub async fn run(&self, drain: &Drain) {
+    /// Returns how many workers were still attached when it ended (0
+    /// unless the drain timeout passed).
+    pub async fn run(&self, drain: &Drain) -> usize {
         let deadline = drain.deadline();
         let start = Instant::now();
         let initial = self.attached.len();
@@ -86,12 +88,13 @@ impl Handoff {
         loop {
             if self.attached.len() == 0 {
                 info!(head = %self.head_id, workers = initial, took = ?start.elapsed(), "drained: every worker moved");
-                return;
+                return 0;
             }
             let now = Instant::now();
             if now >= deadline {
-                warn!(head = %self.head_id, left = self.attached.len(), "drain timeout passed with workers still attached");
-                return;
+                let left = self.attached.len();
+                warn!(head = %self.head_id, left, "drain timeout passed with workers still attached");
+                return left;
             }
             if now >= next_round {
                 self.redirect_round().await;

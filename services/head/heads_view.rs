@@ -70,8 +70,10 @@ impl HeadsView {
 
     /// The heads, from the snapshot or from one read of the registry.
     pub async fn snapshot(&self) -> Result<Snapshot, RegistryError> {
-        let unread =
-            || RegistryError::Unavailable("this head has not read the registry yet".into());
+        let unread = || {
+            self.registry
+                .unavailable("this head has not read the registry since the last failure")
+        };
         if let Some(s) = self.fresh() {
             return s.map_err(|()| unread());
         }

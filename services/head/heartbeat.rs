@@ -27,11 +27,36 @@ enum End {
     /// The worker closed the stream, went silent, or reset it: release the
     /// assignment (unless a newer one replaced it, which the release
     /// script checks).
-    WorkerGone,
+    WorkerGone(Gone),
     /// A newer stream of the same worker took over: keep the assignment.
     Replaced,
     /// The head is stopping: workers will reassign themselves.
     HeadStopping,
+}
+
+/// Why a worker's stream ended on the worker's side. Operators reading
+/// `WORKER_LEFT` need to tell a worker that said goodbye (scale-down, a
+/// deploy) from one that died or hung (a fault worth a look).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    /// The worker ended its half of the stream: a clean exit.
+    Closed,
+    /// No `WorkerBeat` within the heartbeat timeout.
+    Silent,
+    /// The stream was reset or its connection died (a crash, a kill, a
+    /// network fault).
+    Reset,
+}
+
+impl Gone {
+    /// The `detail` of the `WORKER_LEFT` event.
+    fn detail(self, timeout: std::time::Duration) -> String {
+        match self {
+            Gone::Closed => "exited cleanly (closed its stream)".to_owned(),
+            Gone::Silent => format!("went silent (no WorkerBeat within {timeout:?})"),
+            Gone::Reset => "stream reset or connection lost".to_owned(),
+        }
+    }
 }
 
 /// The response body of one `Heartbeat` stream.
@@ -126,7 +151,10 @@ impl tokio_stream::Stream for HeartbeatBody {
                     this.stream
                         .record(beat.sequence, beat.load, tokio::time::Instant::now());
                 }
-                Poll::Ready(Some(Err(_)) | None) => return this.finish(End::WorkerGone, None),
+                Poll::Ready(None) => return this.finish(End::WorkerGone(Gone::Closed), None),
+                Poll::Ready(Some(Err(_))) => {
+                    return this.finish(End::WorkerGone(Gone::Reset), None)
+                }
                 Poll::Pending => break,
             }
         }
@@ -145,7 +173,7 @@ impl tokio_stream::Stream for HeartbeatBody {
                             "no WorkerBeat within {:?}",
                             this.svc.cfg.timeout
                         ));
-                        return this.finish(End::WorkerGone, Some(status));
+                        return this.finish(End::WorkerGone(Gone::Silent), Some(status));
                     }
                     // While the lease lapsed and ownership is being
                     // rechecked, stay silent until it is.
@@ -171,14 +199,15 @@ impl Drop for HeartbeatBody {
     fn drop(&mut self) {
         // Dropped without deciding: hyper gave up on the stream because the
         // worker reset it or its connection died.
-        let end = self.end.unwrap_or(End::WorkerGone);
+        let end = self.end.unwrap_or(End::WorkerGone(Gone::Reset));
         let svc = &self.svc;
         let s = &self.stream;
         svc.attached.remove(s);
         debug!(worker = %s.worker_id, epoch = s.epoch, ?end, "stream closed");
-        if end != End::WorkerGone {
+        let End::WorkerGone(gone) = end else {
             return;
-        }
+        };
+        let detail = gone.detail(svc.cfg.timeout);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -197,7 +226,7 @@ impl Drop for HeartbeatBody {
                     &s.worker_id,
                     s.epoch,
                     "",
-                    "stream closed or went silent",
+                    &detail,
                 ),
                 Ok(false) => {}
                 Err(e) => {

@@ -404,7 +404,10 @@ impl LeaseLoop {
                 let was_held = state.held.swap(false, Ordering::Relaxed);
                 if was_held || *failures == 1 {
                     error!(head = %lease.head_id, error = %e, "cannot refresh the lease; readiness NOT_SERVING, retrying every {every:?}");
-                } else if *failures % 30 == 0 {
+                } else if failures.is_power_of_two() || *failures % 32 == 0 {
+                    // Again after 2, 4, 8, 16, 32 failures, then every 32:
+                    // an operator who looks late still sees the cause,
+                    // and a long outage does not flood the log.
                     warn!(head = %lease.head_id, error = %e, failures = *failures, "registry still unreachable; retrying");
                 }
             }

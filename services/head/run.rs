@@ -209,7 +209,7 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
         lease_state.start_draining();
         events.emit(EventKind::HeadDraining, &id, "", 0, "", "");
         lease_loop.refresh_once(&mut 0).await;
-        Handoff {
+        let not_handed_over = Handoff {
             head_id: id.clone(),
             registry: registry.clone(),
             attached: attached.clone(),
@@ -225,7 +225,15 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
         match registry.deregister(&id).await {
             Ok(()) => {
                 info!(head = %id, "left the registry");
-                events.emit(EventKind::HeadGone, &id, "", 0, "", "left the registry");
+                // One HEAD_GONE, from the head itself, saying how it went;
+                // the sweep never sees a deregistered head.
+                let detail = match not_handed_over {
+                    0 => "left after drain".to_owned(),
+                    n => format!(
+                        "left after drain; {n} workers not handed over before the drain timeout"
+                    ),
+                };
+                events.emit(EventKind::HeadGone, &id, "", 0, "", &detail);
             }
             Err(e) => {
                 warn!(head = %id, error = %e, "could not leave the registry; the lease will expire by itself")

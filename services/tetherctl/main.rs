@@ -19,7 +19,7 @@ use tether::config::RegistryArgs;
 use tether::pb::head_service_client::HeadServiceClient;
 use tether::pb::{ClusterEvent, DrainRequest, EventKind, WatchEventsRequest, WorkerInfo};
 use tether::registry::{now_ms, HeadEntry, Registry};
-use tether::security::{ClientSecurity, SecurityArgs};
+use tether::security::{ClientSecurity, ClientSecurityArgs};
 use tonic::transport::Channel;
 use tonic::Streaming;
 
@@ -43,13 +43,18 @@ const DEDUP_WINDOW: usize = 4096;
 
 /// Inspect and operate a Tether cluster.
 #[derive(Debug, Parser)]
-#[command(name = "tetherctl", version, about, long_about = None)]
+#[command(
+    name = "tetherctl",
+    version,
+    about = "Inspect and operate a Tether cluster: status, watch, drain.",
+    long_about = None
+)]
 struct Args {
     #[command(flatten)]
     registry: RegistryArgs,
 
     #[command(flatten)]
-    security: SecurityArgs,
+    security: ClientSecurityArgs,
 
     /// Bound on each call to a head.
     #[arg(long, default_value = "3s", value_parser = tether::config::parse_duration)]
@@ -95,7 +100,7 @@ enum Command {
 fn main() -> ExitCode {
     let args: Args = tether::config::parse_args("tetherctl");
     let security = match args.registry.validate().and_then(|()| args.security.load()) {
-        Ok((_, client)) => client,
+        Ok(client) => client,
         Err(e) => {
             eprintln!("tetherctl: invalid configuration: {e}");
             return ExitCode::from(2);

@@ -64,6 +64,56 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// Where this topology connects, as logs and errors may show it: hosts,
+    /// ports, database and user, never a password ("(password hidden)"
+    /// says one was given). Operators reading "redis unavailable" need to
+    /// see which Redis was tried.
+    pub fn describe(&self) -> String {
+        let list = |urls: &[String]| {
+            urls.iter()
+                .map(|u| redacted(u))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match self {
+            Self::Single(url) => redacted(url),
+            Self::Cluster(urls) => format!("Redis Cluster nodes {}", list(urls)),
+            Self::Sentinel { sentinels, master } => {
+                format!("master {master:?} through sentinels {}", list(sentinels))
+            }
+        }
+    }
+}
+
+/// One Redis URL without its password. Built from the parsed connection
+/// info (the `redis` crate's parser), so what is shown is what is used.
+fn redacted(url: &str) -> String {
+    use redis::{ConnectionAddr, IntoConnectionInfo};
+    let Ok(info) = url.into_connection_info() else {
+        return "an unparsable Redis URL".to_owned();
+    };
+    let settings = info.redis_settings();
+    let user = settings
+        .username()
+        .map(|u| format!("{u}@"))
+        .unwrap_or_default();
+    let mut out = match info.addr() {
+        ConnectionAddr::Tcp(..) => format!("redis://{user}{}", info.addr()),
+        ConnectionAddr::TcpTls { .. } => format!("rediss://{user}{}", info.addr()),
+        ConnectionAddr::Unix(path) => format!("unix://{user}{}", path.display()),
+        // A kind of address added by a later `redis` release.
+        other => format!("{user}{other}"),
+    };
+    if settings.db() != 0 {
+        out.push_str(&format!("/{}", settings.db()));
+    }
+    if settings.password().is_some() {
+        out.push_str(" (password hidden)");
+    }
+    out
+}
+
 /// A pool for one of the topologies.
 #[derive(Clone)]
 pub enum Pools {
@@ -124,18 +174,29 @@ impl Pools {
                 .get()
                 .await
                 .map(|c| AnyConn::Single(deadpool_redis::Connection::take(c)))
-                .map_err(|e| e.to_string()),
+                .map_err(pool_error),
             Self::Cluster(p) => p
                 .get()
                 .await
                 .map(|c| AnyConn::Cluster(deadpool_redis::cluster::Connection::take(c)))
-                .map_err(|e| e.to_string()),
+                .map_err(pool_error),
             Self::Sentinel(p) => p
                 .get()
                 .await
                 .map(|c| AnyConn::Sentinel(deadpool_redis::sentinel::Connection::take(c)))
-                .map_err(|e| e.to_string()),
+                .map_err(pool_error),
         }
+    }
+}
+
+/// The cause of a failed connect, in Redis's words rather than the
+/// pool's ("Error occurred while creating a new object: ...").
+fn pool_error(e: deadpool_redis::PoolError) -> String {
+    use deadpool_redis::PoolError;
+    match e {
+        PoolError::Backend(e) => e.to_string(),
+        PoolError::Timeout(_) => "no connection within the pool's timeout".to_owned(),
+        e => e.to_string(),
     }
 }
 
@@ -354,6 +415,36 @@ impl Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptions_name_the_server_and_never_the_password() {
+        let t = Topology::parse("redis://app:s3cret@10.0.0.5:6379/2").unwrap();
+        assert_eq!(
+            t.describe(),
+            "redis://app@10.0.0.5:6379/2 (password hidden)"
+        );
+        let t = Topology::parse("redis://:s3cret@10.0.0.5").unwrap();
+        assert_eq!(t.describe(), "redis://10.0.0.5:6379 (password hidden)");
+        let t = Topology::parse("rediss://h:6380").unwrap();
+        assert_eq!(t.describe(), "rediss://h:6380");
+        let t = Topology::parse("redis+sentinel://:pw@s1:26379,s2:26379/mymaster").unwrap_or_else(
+            |_| Topology::parse("redis+sentinel://s1:26379,s2:26379/mymaster").unwrap(),
+        );
+        assert!(
+            t.describe()
+                .starts_with("master \"mymaster\" through sentinels redis://"),
+            "{}",
+            t.describe()
+        );
+        let t = Topology::parse("redis://a:1,redis://b:2").unwrap();
+        assert_eq!(t.describe(), "Redis Cluster nodes redis://a:1,redis://b:2");
+        for t in [
+            "redis://u:hunter2@h",
+            "redis://:hunter2@h,redis://:hunter2@g",
+        ] {
+            assert!(!Topology::parse(t).unwrap().describe().contains("hunter2"));
+        }
+    }
 
     #[test]
     fn urls_parse_into_topologies() {

@@ -23,8 +23,14 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// Redis could not be reached or did not answer in time.
-    #[error("redis unavailable: {0}")]
-    Unavailable(String),
+    #[error("redis unavailable at {at}: {cause}")]
+    Unavailable {
+        /// Which Redis was tried, without its password (see
+        /// [`Registry::target`]).
+        at: Arc<str>,
+        /// What went wrong.
+        cause: String,
+    },
     /// The head asked to assign a worker holds no lease (it expired, or
     /// the head never registered).
     #[error("this head holds no lease in the registry")]
@@ -224,6 +230,8 @@ pub struct Registry {
     backend: Arc<Backend>,
     keys: Keys,
     op_timeout: Duration,
+    /// Where the registry connects, password hidden: named in errors.
+    target: Arc<str>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -259,12 +267,37 @@ impl Registry {
             },
             ..PoolConfig::default()
         };
+        let target = topology.describe().into();
         let backend = Backend::new(topology, pool).map_err(RegistryError::Protocol)?;
         Ok(Self {
             backend: Arc::new(backend),
             keys: Keys::new(namespace),
             op_timeout,
+            target,
         })
+    }
+
+    /// Where the registry connects, as errors and logs show it: host,
+    /// port and user, never the password.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// An [`RegistryError::Unavailable`] naming this registry's Redis.
+    pub fn unavailable(&self, cause: impl Into<String>) -> RegistryError {
+        RegistryError::Unavailable {
+            at: self.target.clone(),
+            cause: cause.into(),
+        }
+    }
+
+    /// `e` with this registry's Redis named, if it is an unavailability
+    /// found before the target was known (see [`classify`]).
+    fn located(&self, e: RegistryError) -> RegistryError {
+        match e {
+            RegistryError::Unavailable { at, cause } if at.is_empty() => self.unavailable(cause),
+            e => e,
+        }
     }
 
     /// The key layout in use.
@@ -280,23 +313,19 @@ impl Registry {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let work = async {
-            let conn = self
-                .backend
-                .get()
-                .await
-                .map_err(RegistryError::Unavailable)?;
-            op(conn).await.map_err(classify)
+            let conn = self.backend.get().await.map_err(|e| self.unavailable(e))?;
+            op(conn).await.map_err(|e| self.located(classify(e)))
         };
         let started = std::time::Instant::now();
         let result = tokio::time::timeout(self.op_timeout, work)
             .await
-            .map_err(|_| RegistryError::Unavailable("timed out".into()))
+            .map_err(|_| self.unavailable(format!("no answer within {:?}", self.op_timeout)))
             .and_then(|r| r);
         let m = &crate::metrics::METRICS;
         m.redis_latency.observe(started.elapsed());
         if matches!(
             result,
-            Err(RegistryError::Unavailable(_) | RegistryError::Protocol(_))
+            Err(RegistryError::Unavailable { .. } | RegistryError::Protocol(_))
         ) {
             m.redis_errors.inc();
             // The shared connection may be broken (or talking to a demoted
@@ -330,8 +359,8 @@ impl Registry {
         };
         tokio::time::timeout(self.op_timeout, work)
             .await
-            .map_err(|_| RegistryError::Unavailable("timed out".into()))?
-            .map_err(classify)
+            .map_err(|_| self.unavailable(format!("no answer within {:?}", self.op_timeout)))?
+            .map_err(|e| self.located(classify(e)))
     }
 
     /// Changes whenever the Redis master moved (Sentinel): long-lived
@@ -656,12 +685,17 @@ fn classify(e: redis::RedisError) -> RegistryError {
     .iter()
     .any(|m| text.contains(m))
     {
-        return RegistryError::Unavailable(
-            "Redis refused the credentials: check the user and password in --redis-url".into(),
-        );
+        return RegistryError::Unavailable {
+            at: "".into(),
+            cause: "Redis refused the credentials: check the user and password in --redis-url"
+                .into(),
+        };
     }
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
-        RegistryError::Unavailable(e.to_string())
+        RegistryError::Unavailable {
+            at: "".into(),
+            cause: e.to_string(),
+        }
     } else {
         RegistryError::Protocol(e.to_string())
     }

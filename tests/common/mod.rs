@@ -79,10 +79,34 @@ pub async fn start_cluster(heads: usize, workers: usize) -> Cluster {
     start_cluster_with(heads, &[], workers).await
 }
 
-/// [`start_cluster`] with `head_extra` after [`HEAD_ARGS`] on every head.
+/// [`HEAD_ARGS`] with `extra` added; a flag of `extra` that
+/// [`HEAD_ARGS`] also sets replaces its value there (the binaries refuse
+/// a flag given twice).
+pub fn head_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args: Vec<&str> = HEAD_ARGS.to_vec();
+    let mut rest = Vec::new();
+    let mut i = 0;
+    while i < extra.len() {
+        let flag = extra[i];
+        match args.iter().position(|a| *a == flag) {
+            Some(at) if i + 1 < extra.len() => {
+                args[at + 1] = extra[i + 1];
+                i += 2;
+            }
+            _ => {
+                rest.push(flag);
+                i += 1;
+            }
+        }
+    }
+    args.extend(rest);
+    args
+}
+
+/// [`start_cluster`] with every head given [`head_args`]`(head_extra)`.
 pub async fn start_cluster_with(heads: usize, head_extra: &[&str], workers: usize) -> Cluster {
     let mut cluster = cluster();
-    let args: Vec<&str> = HEAD_ARGS.iter().chain(head_extra).copied().collect();
+    let args = head_args(head_extra);
     for i in 0..heads {
         ok(cluster.spawn_head(&head_id(i), &args));
     }
