@@ -71,15 +71,31 @@ async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
     ok(tether::localcluster::wait_serving(head, HEAD_SERVICE, START_TIMEOUT).await);
     let url = cluster.redis().url();
     let started = Instant::now();
-    let fleet = Fleet::start(&url, size);
+    // Up to 5,000: the library's attach loop, one connection each. Above
+    // that, streams share connections (`MuxFleet`): the machine's
+    // open-file limit (20,000 here) cannot hold one per worker on both
+    // sides.
+    enum Either {
+        Own(Fleet),
+        Shared(MuxFleet),
+    }
+    let fleet = if size <= 5000 {
+        Either::Own(Fleet::start(&url, size))
+    } else {
+        Either::Shared(MuxFleet::start(head, size))
+    };
+    let attached = || match &fleet {
+        Either::Own(f) => f.attached(),
+        Either::Shared(f) => f.attached(),
+    };
     let all_attached = wait_until(attach_within, Duration::from_millis(100), async || {
-        fleet.attached() == size
+        attached() == size
     })
     .await;
     assert!(
         all_attached,
         "only {} of {size} workers attached within {attach_within:?}",
-        fleet.attached()
+        attached()
     );
     eprintln!("{size} workers attached in {:?}", started.elapsed());
 
@@ -178,6 +194,102 @@ async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
     );
     assert!(workers.contains(&format!("head-0: {size} workers")));
     drop(fleet);
+}
+
+/// `n` workers `w-00000`... attached to the head at `addr` by hand
+/// (`Reassign`, then a `Heartbeat` stream that beats every 2 s), 50
+/// streams to a connection. Only for sizes where one connection per
+/// worker would pass the open-file limit; the attach loop itself is
+/// tested elsewhere. Stops when dropped.
+struct MuxFleet {
+    attached: Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl MuxFleet {
+    fn start(addr: std::net::SocketAddr, n: usize) -> MuxFleet {
+        use std::sync::atomic::Ordering;
+        use tether::pb::{ReassignReason, ReassignRequest, WorkerBeat};
+        let attached = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::with_capacity(n);
+        let mut client = head_client(addr);
+        // At most 64 attaching at once, as a fleet that starts over time
+        // would: 20,000 `Reassign`s at one instant only measure Redis's
+        // queue.
+        let attaching = Arc::new(tokio::sync::Semaphore::new(64));
+        for i in 0..n {
+            if i % 50 == 0 {
+                client = head_client(addr);
+            }
+            let mut client = client.clone();
+            let attached = attached.clone();
+            let attaching = attaching.clone();
+            tasks.push(tokio::spawn(async move {
+                let Ok(permit) = attaching.acquire_owned().await else {
+                    return;
+                };
+                let worker_id = format!("w-{i:05}");
+                let answer = loop {
+                    let request = ReassignRequest {
+                        worker_id: worker_id.clone(),
+                        reason: ReassignReason::Startup as i32,
+                        instance: format!("mux-{i}"),
+                        ..ReassignRequest::default()
+                    };
+                    match client.reassign(request).await {
+                        Ok(a) => break a.into_inner(),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    }
+                };
+                let (tx, rx) = tokio::sync::mpsc::channel(2);
+                let beat = |sequence| WorkerBeat {
+                    worker_id: worker_id.clone(),
+                    epoch: answer.epoch,
+                    sequence,
+                    load: None,
+                    stream_secret: answer.stream_secret.clone(),
+                };
+                let _ = tx.try_send(beat(0));
+                let Ok(response) = client
+                    .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                else {
+                    return;
+                };
+                let mut inbound = response.into_inner();
+                if !matches!(inbound.message().await, Ok(Some(_))) {
+                    return;
+                }
+                attached.fetch_add(1, Ordering::Relaxed);
+                drop(permit);
+                let mut sequence = 0;
+                let mut ticks = tokio::time::interval(Duration::from_secs(2));
+                loop {
+                    tokio::select! {
+                        _ = ticks.tick() => {
+                            sequence += 1;
+                            let _ = tx.try_send(beat(sequence));
+                        }
+                        m = inbound.message() => if !matches!(m, Ok(Some(_))) { break },
+                    }
+                }
+                attached.fetch_sub(1, Ordering::Relaxed);
+            }));
+        }
+        MuxFleet { attached, tasks }
+    }
+
+    fn attached(&self) -> usize {
+        self.attached.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for MuxFleet {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 /// `tetherctl watch` running in the background; its output lines are
