@@ -394,6 +394,22 @@ pub fn parse_id(text: &str) -> Result<String, String> {
     validate_id("id", text).map(|_| text.to_owned())
 }
 
+/// The metrics address a head writes into its lease, for the dashboard's
+/// list of heads: the bound address, or, for a wildcard bind, the host of
+/// `advertise` (the gRPC address others dial) with the bound port.
+pub fn metrics_advertise_addr(advertise: &str, bound: std::net::SocketAddr) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    // A wildcard: the host others reach the head's gRPC port at reaches
+    // its metrics port too.
+    let host = advertise
+        .rsplit_once(':')
+        .map(|(host, _)| host)
+        .unwrap_or(advertise);
+    format!("{host}:{}", bound.port())
+}
+
 /// Resolves the address to advertise: the given one, or the bound address
 /// when it is a concrete IP. A wildcard bind (`0.0.0.0`) without
 /// `--advertise` falls back to loopback, which only works on one machine.

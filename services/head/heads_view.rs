@@ -142,6 +142,7 @@ pub fn preference(
             } as i32,
             load: h.assigned,
             capacity: if h.id == own.0 { own.1 } else { h.capacity },
+            metrics_addr: h.metrics_addr.clone(),
         })
         .collect()
 }
@@ -158,6 +159,7 @@ mod tests {
             assigned,
             started_ms: 0,
             capacity: 0,
+            metrics_addr: String::new(),
         }
     }
 
