@@ -148,6 +148,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn metrics_addresses_take_the_advertised_host_for_a_wildcard() {
+        let wildcard: std::net::SocketAddr = "0.0.0.0:9090".parse().unwrap();
+        let concrete: std::net::SocketAddr = "10.0.0.5:9090".parse().unwrap();
+        assert_eq!(
+            metrics_advertise_addr("head-1.tether:7070", wildcard),
+            "head-1.tether:9090"
+        );
+        assert_eq!(
+            metrics_advertise_addr("[fd00::1]:7070", wildcard),
+            "[fd00::1]:9090"
+        );
+        assert_eq!(
+            metrics_advertise_addr("head-1:7070", concrete),
+            "10.0.0.5:9090"
+        );
+    }
+
+    #[test]
     fn head_addresses_must_be_host_port() {
         for good in [
             "h:7070",
@@ -336,7 +354,8 @@ pub struct CommonArgs {
     pub log_format: crate::telemetry::LogFormat,
 
     /// Serve Prometheus metrics over HTTP at `GET /metrics` on this
-    /// address (e.g. 0.0.0.0:9090). Off when not set.
+    /// address (e.g. 0.0.0.0:9090); a head also serves its dashboard at
+    /// `/`. Off when not set.
     #[arg(long, env = "TETHER_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
 

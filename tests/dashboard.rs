@@ -369,6 +369,27 @@ async fn the_dashboard_shows_heads_loads_moves_drains_and_survives_its_head() {
     let (status, body) = http_get(page_addr, "/").await;
     assert_eq!(status, 200);
     assert!(body.contains("<title>Tether cluster</title>"), "{body}");
+    // ListHeads carries each head's dashboard address (HeadInfo field 6).
+    let mut request = tonic::Request::new(tether::pb::ListHeadsRequest::default());
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("ASCII"),
+    );
+    let listed = tether::localcluster::head_client(cluster.process(&page_head).expect("head").addr)
+        .list_heads(request)
+        .await
+        .expect("ListHeads")
+        .into_inner();
+    let listed: BTreeMap<String, String> = listed
+        .heads
+        .into_iter()
+        .map(|h| (h.head_id, h.metrics_addr))
+        .collect();
+    let expected: BTreeMap<String, String> = dashboards
+        .iter()
+        .map(|(id, addr)| (id.clone(), addr.to_string()))
+        .collect();
+    assert_eq!(listed, expected, "ListHeads' metrics addresses");
     let worker_metrics: SocketAddr = worker_metrics.parse().expect("an address");
     let (status, body) = http_get(worker_metrics, "/metrics").await;
     assert_eq!(status, 200, "{body}");
@@ -471,6 +492,14 @@ async fn the_dashboard_shows_heads_loads_moves_drains_and_survives_its_head() {
         .await;
     let moves_after = killed.elapsed();
     page.wait_for(
+        &format!("{victim} marked gone"),
+        HEADS_JS,
+        SHOW_WITHIN,
+        |v| heads_shown(v).get(&victim).is_none_or(|(s, _)| s == "gone"),
+    )
+    .await;
+    let marked_after = killed.elapsed();
+    page.wait_for(
         &format!("{victim} gone from the heads"),
         HEADS_JS,
         SHOW_WITHIN,
@@ -479,7 +508,7 @@ async fn the_dashboard_shows_heads_loads_moves_drains_and_survives_its_head() {
     .await;
     let gone_after = killed.elapsed();
     println!(
-        "after SIGKILL of {victim}: its {victims} workers' moves shown after {moves_after:?} ({}), the head gone from the page after {gone_after:?}",
+        "after SIGKILL of {victim}: its {victims} workers' moves shown after {moves_after:?} ({}), the head marked gone after {marked_after:?} and off the list after {gone_after:?}",
         moved.as_str().unwrap_or_default()
     );
     assert!(
