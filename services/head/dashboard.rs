@@ -24,8 +24,9 @@
 use crate::attached::Attached;
 use crate::heads_view::HeadsView;
 use crate::lease::LeaseState;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -107,14 +108,29 @@ impl Dashboard {
     }
 }
 
-/// The dashboard's routes, to merge with `/metrics`.
+/// The dashboard's routes, to merge with `/metrics`. The token is
+/// checked by a layer in front of the data, as the gRPC port's is; the
+/// page itself holds none and stays open, so that it can ask for it.
 pub fn routes(dashboard: Arc<Dashboard>) -> Router {
     Router::new()
-        .route("/", get(page))
         .route("/api/cluster", get(cluster))
         .route("/api/workers", get(workers))
         .route("/api/events", get(events))
+        .route_layer(middleware::from_fn_with_state(
+            dashboard.clone(),
+            require_token,
+        ))
+        .route("/", get(page))
         .with_state(dashboard)
+}
+
+/// Refuses a request to the data without the token, when one is
+/// configured.
+async fn require_token(State(d): State<Arc<Dashboard>>, request: Request, next: Next) -> Response {
+    match check_token(&d, request.headers(), request.uri()) {
+        Ok(()) => next.run(request).await,
+        Err(why) => refusal(why),
+    }
 }
 
 async fn page() -> Response {
@@ -248,10 +264,7 @@ async fn cluster_json(d: &Dashboard) -> Result<Value, String> {
     }))
 }
 
-async fn cluster(State(d): State<Arc<Dashboard>>, headers: HeaderMap, uri: Uri) -> Response {
-    if let Err(why) = check_token(&d, &headers, &uri) {
-        return refusal(why);
-    }
+async fn cluster(State(d): State<Arc<Dashboard>>) -> Response {
     match cluster_json(&d).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => unavailable(e),
@@ -270,10 +283,7 @@ fn worker_json(w: &WorkerInfo) -> Value {
 }
 
 /// One page of a head's workers.
-async fn workers(State(d): State<Arc<Dashboard>>, headers: HeaderMap, uri: Uri) -> Response {
-    if let Err(why) = check_token(&d, &headers, &uri) {
-        return refusal(why);
-    }
+async fn workers(State(d): State<Arc<Dashboard>>, uri: Uri) -> Response {
     let head = query_param(&uri, "head").unwrap_or_else(|| d.head_id.clone());
     let after = query_param(&uri, "after").unwrap_or_default();
     let limit = query_param(&uri, "limit")
@@ -369,10 +379,7 @@ fn event_json(e: &ClusterEvent) -> Value {
 }
 
 /// The live stream: `cluster` snapshots and membership `event`s.
-async fn events(State(d): State<Arc<Dashboard>>, headers: HeaderMap, uri: Uri) -> Response {
-    if let Err(why) = check_token(&d, &headers, &uri) {
-        return refusal(why);
-    }
+async fn events(State(d): State<Arc<Dashboard>>) -> Response {
     let Ok(permit) = d.watchers.clone().try_acquire_owned() else {
         return unavailable(format!(
             "{MAX_WATCHERS} dashboards already watch this head; close one or open another head's"
