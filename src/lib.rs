@@ -26,7 +26,8 @@
 //! - [`security`]: optional TLS / mutual TLS and the bearer-token layer.
 //! - [`config`]: flag types (durations, Redis URL, ids) and validation.
 //! - [`telemetry`]: tracing set-up (text or JSON).
-//! - [`metrics`]: Prometheus counters and histograms, and `/metrics`.
+//! - [`metrics`]: Prometheus counters and histograms, and the metrics
+//!   port's HTTP server (`/metrics`; a head adds its dashboard there).
 //! - [`shutdown`]: signals and cancellation.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`localcluster`]: a real Redis, heads and workers as local processes.

@@ -1,16 +1,27 @@
 //! Prometheus metrics: a few counters, gauges and histograms kept in
 //! atomics (no lock, no allocation on the beat path), rendered in the text
-//! exposition format by a tiny HTTP endpoint (`--metrics-listen`).
+//! exposition format at `GET /metrics` on the metrics port
+//! (`--metrics-listen`). The port's HTTP server lives here too (axum's
+//! router on hyper, bounded in connections and time), because a head also
+//! serves its dashboard there.
 //!
 //! One process-wide set: a process is either a head or a worker (or a
 //! benchmark simulating many workers, which then sees their sum).
 
+use crate::backoff::Backoff;
 use crate::shutdown::Shutdown;
+use axum::http::{header, StatusCode};
+use axum::routing::get;
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 /// A monotonically increasing count.
@@ -289,50 +300,97 @@ pub fn render(role: Role) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown`. Deliberately
-/// minimal: one short request per connection, bounded in size and time.
-pub async fn serve(listener: TcpListener, role: Role, mut shutdown: Shutdown) {
-    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+/// Connections the metrics port serves at once; more wait in the
+/// kernel's accept queue. The dashboard holds one per open page.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Time a client has to send its request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time open requests get to finish once the process stops.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The routes every process serves on its metrics port: `GET /metrics`.
+/// A head adds its dashboard to them.
+pub fn routes(role: Role) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || async move {
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                render(role),
+            )
+        }),
+    )
+}
+
+/// Serves `routes` over HTTP/1.1 on `listener` until `shutdown`: at most
+/// [`MAX_CONNECTIONS`] connections, each given [`HEADER_TIMEOUT`] to send
+/// a request; requests still open at `shutdown` (the dashboard's event
+/// streams) get [`CLOSE_GRACE`] to end. Unknown paths answer 404.
+pub async fn serve(listener: TcpListener, routes: Router, mut shutdown: Shutdown) {
+    let routes = routes.fallback(|| async {
+        (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "not found; this port serves GET /metrics (and, on a head, the dashboard at /)\n",
+        )
+    });
+    let service = TowerToHyperService::new(routes);
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1), 31);
     loop {
+        // Wait for a free slot first: over the bound, connections queue in
+        // the kernel rather than as tasks here.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shutdown.wait() => return,
+        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.wait() => return,
         };
-        let (mut socket, _) = match accepted {
-            Ok(a) => a,
+        let socket = match accepted {
+            Ok((socket, _)) => {
+                backoff.reset();
+                socket
+            }
             Err(e) => {
-                warn!(error = %e, "metrics: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Out of file descriptors, most likely: wait, do not spin.
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in = ?delay, "metrics: accept failed");
+                tokio::time::sleep(delay).await;
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            continue; // Over the bound: drop the connection.
-        };
+        let service = service.clone();
+        let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let mut buf = [0u8; 2048];
-            let read = tokio::time::timeout(Duration::from_secs(2), socket.read(&mut buf)).await;
-            let n = match read {
-                Ok(Ok(n)) => n,
-                _ => return,
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(socket), service);
+            tokio::pin!(connection);
+            let done = tokio::select! {
+                r = connection.as_mut() => Some(r),
+                _ = shutdown.wait() => None,
             };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) =
-                if request.starts_with("GET /metrics ") || request.starts_with("GET /metrics?") {
-                    ("200 OK", render(role))
-                } else {
-                    (
-                        "404 Not Found",
-                        "only GET /metrics is served here\n".to_owned(),
-                    )
-                };
-            let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            if let Err(e) = socket.write_all(response.as_bytes()).await {
-                debug!(error = %e, "metrics: write failed");
+            let result = match done {
+                Some(r) => r,
+                None => {
+                    connection.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(CLOSE_GRACE, connection).await {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    }
+                }
+            };
+            if let Err(e) = result {
+                debug!(error = %e, "metrics: connection ended with an error");
             }
         });
     }

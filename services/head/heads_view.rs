@@ -144,6 +144,7 @@ pub fn preference(
             } as i32,
             load: h.assigned,
             capacity: if h.id == own.0 { own.1 } else { h.capacity },
+            metrics_addr: h.metrics_addr.clone(),
         })
         .collect()
 }
@@ -160,6 +161,7 @@ mod tests {
             assigned,
             started_ms: 0,
             capacity: 0,
+            metrics_addr: String::new(),
         }
     }
 

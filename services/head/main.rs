@@ -4,6 +4,7 @@
 
 mod attached;
 mod beat;
+mod dashboard;
 mod drain;
 mod heads_view;
 mod heartbeat;
@@ -130,7 +131,7 @@ fn main() {
         .validate()
         .and_then(|()| args.common.registry.validate())
         .and_then(|()| args.common.security.load());
-    let (server_security, _) = match security {
+    let (server_security, client_security) = match security {
         Ok(s) => s,
         Err(e) => {
             eprintln!("tether-head: invalid configuration: {e}");
@@ -145,6 +146,6 @@ fn main() {
             eprintln!("tether-head: cannot start the runtime: {e}");
             std::process::exit(1);
         });
-    let code = runtime.block_on(run::run(args, server_security));
+    let code = runtime.block_on(run::run(args, server_security, client_security));
     std::process::exit(code);
 }

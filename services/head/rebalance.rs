@@ -403,6 +403,7 @@ mod tests {
             assigned,
             started_ms: 1,
             capacity: 0,
+            metrics_addr: String::new(),
         }
     }
 

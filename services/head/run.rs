@@ -5,24 +5,29 @@
 //! a first signal during a drain that a `Drain` call began does not.
 
 use crate::attached::Attached;
+use crate::dashboard::Dashboard;
 use crate::drain::{Drain, Handoff};
 use crate::lease::{LeaseEnd, LeaseLoop, LeaseState};
 use crate::rebalance::Rebalance;
 use crate::service::{HeadConfig, HeadSvc};
 use crate::Args;
 use std::sync::Arc;
-use tether::config::{advertise_addr, default_id};
+use tether::config::{advertise_addr, default_id, metrics_advertise_addr};
 use tether::pb::head_service_server::HeadServiceServer;
 use tether::pb::EventKind;
 use tether::registry::{now_ms, LeaseInfo, Registry};
-use tether::security::ServerSecurity;
+use tether::security::{ClientSecurity, ServerSecurity};
 use tether::server::{self, MAX_MESSAGE_BYTES};
 use tether::shutdown;
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 /// Runs the head; returns the process exit code.
-pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
+pub async fn run(
+    args: Args,
+    server_security: ServerSecurity,
+    client_security: ClientSecurity,
+) -> i32 {
     // Listening from the start: a SIGTERM right after a `Drain` call must
     // be counted, not lost between two waits.
     let mut signals = match shutdown::Signals::listen() {
@@ -47,6 +52,14 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
     if guessed {
         warn!(%advertise, "listening on a wildcard address without --advertise; workers on other machines cannot reach {advertise}");
     }
+    let metrics_addr = match metrics_listener.as_ref().map(|l| l.local_addr()) {
+        Some(Ok(bound)) => metrics_advertise_addr(&advertise, bound),
+        Some(Err(e)) => {
+            error!(error = %e, "cannot read the metrics port's address");
+            return 1;
+        }
+        None => String::new(),
+    };
     let id = args.id.clone().unwrap_or_else(|| default_id("head"));
     let registry = match Registry::new(
         &args.common.registry.redis_url,
@@ -86,6 +99,7 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
             started_ms: now_ms(),
             instance: tether::attach::new_instance(),
             capacity: args.capacity,
+            metrics_addr: metrics_addr.clone(),
         },
         every: args.heartbeat_interval,
         state: lease_state.clone(),
@@ -112,6 +126,11 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
         .run(stopping.clone()),
     );
 
+    let heads_view = Arc::new(crate::heads_view::HeadsView::new(
+        registry.clone(),
+        lease_state.heads_changes(),
+        args.lease_ttl,
+    ));
     let svc = HeadSvc {
         cfg: Arc::new(HeadConfig {
             id: id.clone(),
@@ -129,11 +148,7 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
         stopping,
         closing,
         events: events.clone(),
-        heads: Arc::new(crate::heads_view::HeadsView::new(
-            registry.clone(),
-            lease_state.heads_changes(),
-            args.lease_ttl,
-        )),
+        heads: heads_view.clone(),
     };
     let head_service = HeadServiceServer::new(svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -165,11 +180,27 @@ pub async fn run(args: Args, server_security: ServerSecurity) -> i32 {
             ),
     );
     if let Some(l) = metrics_listener {
-        tokio::spawn(tether::metrics::serve(
-            l,
-            tether::metrics::Role::Head,
-            closing_for_metrics,
-        ));
+        let (watchers, proxied) = Dashboard::limits();
+        let dashboard = Dashboard {
+            head_id: id.clone(),
+            metrics_addr: metrics_addr.clone(),
+            slack_permille,
+            capacity: args.capacity,
+            snapshot_every: args.heartbeat_interval,
+            heads: heads_view,
+            attached: attached.clone(),
+            events: events.clone(),
+            lease: lease_state.clone(),
+            token: server_security.token.clone(),
+            client: client_security,
+            watchers,
+            proxied,
+            closing: closing_for_metrics.clone(),
+        };
+        let routes = tether::metrics::routes(tether::metrics::Role::Head)
+            .merge(crate::dashboard::routes(Arc::new(dashboard)));
+        tokio::spawn(tether::metrics::serve(l, routes, closing_for_metrics));
+        info!(head = %id, dashboard = %format!("http://{metrics_addr}/"), "dashboard and metrics serving");
     }
     info!(head = %id, listen = %bound, %advertise, "head serving");
 

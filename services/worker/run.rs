@@ -115,7 +115,7 @@ pub async fn run(
     if let Some(l) = metrics_listener {
         tokio::spawn(tether::metrics::serve(
             l,
-            tether::metrics::Role::Worker,
+            tether::metrics::routes(tether::metrics::Role::Worker),
             stop.clone(),
         ));
     }

@@ -97,6 +97,10 @@ pub struct HeadEntry {
     pub started_ms: i64,
     /// The head's `--capacity`: 0 for none (or a head too old to say).
     pub capacity: u64,
+    /// Where the head serves `/metrics` and the dashboard (host:port);
+    /// empty when it serves neither, or runs a version too old to say.
+    /// The dashboard lists it so that a user can switch heads.
+    pub metrics_addr: String,
 }
 
 /// What opening a stream found in the head's assignments.
@@ -220,6 +224,9 @@ pub struct LeaseInfo {
     /// The head's hard cap on workers (0: none), shown to workers by
     /// `ListHeads`.
     pub capacity: u64,
+    /// Where the head serves metrics and the dashboard (host:port), or
+    /// empty; shown by `ListHeads` and the dashboard.
+    pub metrics_addr: String,
 }
 
 /// A handle to the registry: a connection pool and the key layout.
@@ -406,7 +413,8 @@ impl Registry {
             .arg(&lease.instance)
             .arg(k.head_prefix())
             .arg(k.assigned_prefix())
-            .arg(lease.capacity);
+            .arg(lease.capacity)
+            .arg(&lease.metrics_addr);
         let reply: Vec<redis::Value> = self
             .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
@@ -507,8 +515,8 @@ impl Registry {
         let flat: Vec<redis::Value> = self
             .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
-        let mut heads = Vec::with_capacity(flat.len() / 6);
-        for chunk in flat.chunks_exact(6) {
+        let mut heads = Vec::with_capacity(flat.len() / 7);
+        for chunk in flat.chunks_exact(7) {
             heads.push(HeadEntry {
                 id: text(&chunk[0])?,
                 addr: text(&chunk[1])?,
@@ -516,6 +524,7 @@ impl Registry {
                 assigned: number(&chunk[3])?,
                 started_ms: text(&chunk[4])?.parse().unwrap_or(0),
                 capacity: text(&chunk[5])?.parse().unwrap_or(0),
+                metrics_addr: text(&chunk[6])?,
             });
         }
         heads.sort_by(|a, b| a.id.cmp(&b.id));

@@ -38,15 +38,15 @@ end
 -- A lease whose TTL ran down past half belongs to a head that is probably
 -- gone (crashed, hung, cut off): "stale", tried last and not counted.
 local function head_state(key)
-  local h = redis.call('HMGET', key, 'state', 'ttl_ms', 'addr', 'started_ms', 'capacity')
-  if not h[1] then return nil, nil, nil, nil end
+  local h = redis.call('HMGET', key, 'state', 'ttl_ms', 'addr', 'started_ms', 'capacity', 'metrics_addr')
+  if not h[1] then return nil, nil, nil, nil, nil end
   local state = h[1]
   local ttl = tonumber(h[2] or '0')
   local pttl = redis.call('PTTL', key)
   if state == 'ready' and ttl > 0 and pttl >= 0 and pttl < ttl / 2 then
     state = 'stale'
   end
-  return state, h[3], h[4], h[5]
+  return state, h[3], h[4], h[5], h[6]
 end
 -- The epoch counter as a string, seeded from `seed` when Redis lost it
 -- (fresh, restarted or flushed), far above any epoch handed out before.
@@ -78,7 +78,9 @@ fn with_lib(body: &str) -> Script {
 /// (`1`: write the lease's fields even though it exists: the process's
 /// first refresh, or a new state), 7 instance (a random token naming the
 /// head process), 8 head key prefix, 9 assignment-hash key prefix,
-/// 10 capacity (0: none; written with the other fields, for `ListHeads`).
+/// 10 capacity (0: none; written with the other fields, for `ListHeads`),
+/// 11 metrics address (host:port of `--metrics-listen`, where the head
+/// serves `/metrics` and the dashboard; empty when it serves neither).
 /// Returns `{existed, heads version, assigned, digest, {gone...},
 /// fence...}`: existed is 1 if the lease still existed (a refresh), 0 if
 /// it was created; assigned is how many workers the registry counts for
@@ -105,7 +107,7 @@ if holder and holder ~= '' and holder ~= ARGV[7] then
 end
 local existed, version, digest = 1, nil, nil
 local function write()
-  redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3], 'instance', ARGV[7], 'capacity', ARGV[10])
+  redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'started_ms', ARGV[4], 'state', ARGV[5], 'ttl_ms', ARGV[3], 'instance', ARGV[7], 'capacity', ARGV[10], 'metrics_addr', ARGV[11] or '')
 end
 if redis.call('PEXPIRE', KEYS[1], ARGV[3]) == 0 then
   existed = 0
@@ -194,8 +196,8 @@ return 1
 ///
 /// KEYS: heads set. ARGV: head key prefix, assignment-hash key prefix.
 /// Returns a flat list: id, addr, state (`ready`, `draining` or `stale`),
-/// assigned workers, start time (Unix ms), `--capacity` (0: none), for
-/// each head. Three commands
+/// assigned workers, start time (Unix ms), `--capacity` (0: none), metrics
+/// address (empty: none, or a head too old to say), for each head. Three commands
 /// per head (`HMGET`, `PTTL`, `HLEN`).
 pub static LIVE_HEADS: LazyLock<Script> = LazyLock::new(|| {
     with_lib(
@@ -203,7 +205,7 @@ pub static LIVE_HEADS: LazyLock<Script> = LazyLock::new(|| {
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[1] .. id
-  local state, addr, started, capacity = head_state(key)
+  local state, addr, started, capacity, metrics = head_state(key)
   if state then
     table.insert(out, id)
     table.insert(out, addr or '')
@@ -211,6 +213,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     table.insert(out, redis.call('HLEN', ARGV[2] .. id))
     table.insert(out, started or '0')
     table.insert(out, capacity or '0')
+    table.insert(out, metrics or '')
   end
 end
 return out
