@@ -75,8 +75,11 @@ fmt: ## Format the Rust sources
 	$(CARGO) fmt --all
 
 # Both image targets run scripts/build-image.sh, which names each step.
+# IMAGE_BINARIES=DIR takes the three binaries from DIR instead of building
+# them (the registry-free path only).
+IMAGE_BINARIES ?=
 IMAGE_ENV = IMAGE='$(IMAGE)' RUST_IMAGE='$(RUST_IMAGE)' RUNTIME_BASE='$(RUNTIME_BASE)' \
-	CARGO='$(CARGO)' CARGO_FLAGS='$(CARGO_FLAGS)'
+	CARGO='$(CARGO)' CARGO_FLAGS='$(CARGO_FLAGS)' TETHER_IMAGE_BINARIES='$(IMAGE_BINARIES)'
 
 image: ## Build the image tether:dev (IMAGE=...); without a registry, from host binaries on a local base
 	@$(IMAGE_ENV) scripts/build-image.sh

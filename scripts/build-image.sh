@@ -29,8 +29,8 @@
 #                 instead of `cargo build --release --bins` (prebuilt path)
 # Environment: IMAGE, RUST_IMAGE (rust:1-bookworm), RUNTIME_BASE
 #   (debian:bookworm-slim), TETHER_BASE_IMAGE (tether-base:bookworm, the
-#   local base), CARGO (cargo), CARGO_FLAGS, PULL_CHECK_TIMEOUT (seconds a
-#   registry gets to answer; 20).
+#   local base), CARGO (cargo), CARGO_FLAGS, TETHER_IMAGE_BINARIES (as
+#   --binaries), PULL_CHECK_TIMEOUT (seconds a registry gets to answer; 20).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,7 +42,7 @@ local_base=${TETHER_BASE_IMAGE:-tether-base:bookworm}
 cargo=${CARGO:-cargo}
 pull_timeout=${PULL_CHECK_TIMEOUT:-20}
 mode=auto
-binaries=
+binaries=${TETHER_IMAGE_BINARIES:-}
 while [ $# -gt 0 ]; do
     case $1 in
         --auto | --dockerfile | --prebuilt)
@@ -139,7 +139,7 @@ if [ -z "$runtime_base" ]; then
 fi
 
 if [ -z "$binaries" ]; then
-    log "step 2/3: $cargo build ${CARGO_FLAGS:-} --release --bins"
+    log "step 2/3: $cargo build ${CARGO_FLAGS:+$CARGO_FLAGS }--release --bins"
     # shellcheck disable=SC2086 # CARGO_FLAGS is a list of flags
     "$cargo" build ${CARGO_FLAGS:-} --release --bins
     binaries=${CARGO_TARGET_DIR:-target}/release
