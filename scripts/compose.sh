@@ -15,12 +15,13 @@
 #   docker-compose.yml, and COMPOSE_PROJECT_NAME defaults to `tether`, so
 #   it works from any directory and the names are tether_registry,
 #   tether_head-1_1 (v1) or tether-head-1-1 (v2);
-# - on `up`, `create` and `run`, when TETHER_REDIS_IMAGE is unset and
-#   redis:7-bookworm is neither here nor pullable, Redis runs from
-#   tether-base:bookworm (scripts/container-base.sh; it has redis-server),
-#   and when the Tether image (TETHER_IMAGE, default tether:dev) does not
-#   exist it is built first with scripts/build-image.sh (`make image`),
-#   since Compose's own `build: .` needs a registry;
+# - on `up`, `create`, `run` and `config`, when TETHER_REDIS_IMAGE is unset
+#   and redis:7-bookworm is neither here nor pullable, Redis runs from
+#   tether-base:bookworm (scripts/container-base.sh; it has redis-server);
+# - on `up`, `create` and `run`, when the Tether image (TETHER_IMAGE,
+#   default tether:dev) does not exist, it is built first with
+#   scripts/build-image.sh (`make image`), since Compose's own `build: .`
+#   needs a registry;
 # - `exec` without a terminal on stdin gets -T (v1 would fail otherwise).
 #
 # Environment: TETHER_IMAGE, TETHER_REDIS_IMAGE (as in docker-compose.yml),
@@ -75,7 +76,7 @@ available() {
 }
 
 case $sub in
-    up | create | run)
+    up | create | run | config)
         if [ -z "${TETHER_REDIS_IMAGE:-}" ] && ! available redis:7-bookworm; then
             if ! docker image inspect "$local_base" >/dev/null 2>&1; then
                 log "redis:7-bookworm cannot be pulled and $local_base does not exist; building it"
@@ -87,6 +88,10 @@ case $sub in
             log "redis:7-bookworm cannot be pulled; Redis runs from $local_base (TETHER_REDIS_IMAGE=$local_base)"
             export TETHER_REDIS_IMAGE=$local_base
         fi
+        ;;
+esac
+case $sub in
+    up | create | run)
         tether_image=${TETHER_IMAGE:-tether:dev}
         if ! docker image inspect "$tether_image" >/dev/null 2>&1 &&
             ! printf '%s\n' "$@" | grep -qx -- '--build'; then
