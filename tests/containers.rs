@@ -314,7 +314,8 @@ fn build_image() -> String {
 /// it removes its containers and networks, printing their logs first when
 /// the test is failing.
 struct Project<'a> {
-    docker: &'a Docker,
+    /// Held so that the project cannot outlive the test's turn.
+    _docker: &'a Docker,
     name: String,
     override_file: PathBuf,
     /// The compose command, program first: the tool itself, or the
@@ -336,7 +337,7 @@ impl<'a> Project<'a> {
         // The guard exists before `up`, so a half-started project is
         // removed too.
         let project = Project {
-            docker,
+            _docker: docker,
             name,
             override_file,
             compose: docker.compose.clone(),
@@ -375,7 +376,7 @@ impl<'a> Project<'a> {
             repo().join("scripts/compose.sh").display().to_string(),
         ];
         Project {
-            docker,
+            _docker: docker,
             name,
             override_file,
             compose,
