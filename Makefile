@@ -15,8 +15,12 @@ TEST_ARGS   ?=
 # `make demo DEMO_ARGS="--heartbeat-interval 200ms --heartbeat-timeout 600ms"`.
 DEMO_ARGS   ?=
 IMAGE       ?= tether:dev
-# Base of `image-prebuilt`; tether-base:bookworm (make container-base) needs no registry.
+# The Dockerfile's images. When one cannot be pulled, `make image` builds
+# from host binaries on tether-base:bookworm (make container-base) instead.
+RUST_IMAGE  ?= rust:1-bookworm
 RUNTIME_BASE ?= debian:bookworm-slim
+# How many workers `make compose-up` starts.
+WORKERS     ?= 12
 # How many fresh seeds `make chaos` plays (tests/chaos_processes.rs);
 # `make test` plays one, plus the schedule of issue 16.
 SEEDS       ?= 5
@@ -24,7 +28,7 @@ SEEDS       ?= 5
 export TETHER_PYTHON_VENV ?= target/python-venv
 
 .DEFAULT_GOAL := help
-.PHONY: help redis test-deps build release demo test chaos bench lint fmt image image-prebuilt container-base test-containers clean
+.PHONY: help redis test-deps build release demo test chaos bench lint fmt image image-prebuilt container-base compose-up compose-down test-containers clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,7 +46,7 @@ release: ## Build every binary (release)
 	$(CARGO) build $(CARGO_FLAGS) --release --bins
 
 demo: redis ## 3 heads, 12 workers: SIGKILL one head (failover times), SIGTERM another (drain)
-	$(CARGO) build $(CARGO_FLAGS) --release --bin tether-head --bin tether-worker --example demo
+	$(CARGO) build $(CARGO_FLAGS) --release --bin tether-head --bin tether-worker --bin tetherctl --example demo
 	target/release/examples/demo $(DEMO_ARGS)
 
 test: test-deps ## Run the whole test suite (each test starts its own Redis)
@@ -70,18 +74,27 @@ lint: ## rustfmt check, clippy with warnings as errors, shellcheck
 fmt: ## Format the Rust sources
 	$(CARGO) fmt --all
 
-image: ## Build the container image, all three binaries (IMAGE=tether:dev)
-	docker build -t $(IMAGE) .
+# Both image targets run scripts/build-image.sh, which names each step.
+# IMAGE_BINARIES=DIR takes the three binaries from DIR instead of building
+# them (the registry-free path only).
+IMAGE_BINARIES ?=
+IMAGE_ENV = IMAGE='$(IMAGE)' RUST_IMAGE='$(RUST_IMAGE)' RUNTIME_BASE='$(RUNTIME_BASE)' \
+	CARGO='$(CARGO)' CARGO_FLAGS='$(CARGO_FLAGS)' TETHER_IMAGE_BINARIES='$(IMAGE_BINARIES)'
 
-image-prebuilt: ## The image from host-built release binaries (RUNTIME_BASE=...)
-	$(CARGO) build $(CARGO_FLAGS) --release --bins
-	rm -rf target/image && mkdir -p target/image
-	cp target/release/tether-head target/release/tether-worker target/release/tetherctl \
-		scripts/docker-entrypoint.sh target/image/
-	docker build -f deploy/Dockerfile.prebuilt --build-arg RUNTIME_BASE=$(RUNTIME_BASE) -t $(IMAGE) target/image
+image: ## Build the image tether:dev (IMAGE=...); without a registry, from host binaries on a local base
+	@$(IMAGE_ENV) scripts/build-image.sh
+
+image-prebuilt: ## The image from host-built release binaries (RUNTIME_BASE=...; local base if unpullable)
+	@$(IMAGE_ENV) scripts/build-image.sh --prebuilt
 
 container-base: ## Build tether-base:bookworm with debootstrap (root; no registry needed)
 	scripts/container-base.sh
+
+compose-up: ## Redis, two heads and WORKERS workers in Compose (scripts/compose.sh; no registry needed)
+	scripts/compose.sh up -d --scale worker=$(WORKERS)
+
+compose-down: ## Stop and remove the Compose cluster
+	scripts/compose.sh down
 
 test-containers: test-deps ## Only the container and manifest tests (fail without Docker)
 	TETHER_REQUIRE_DOCKER=1 $(CARGO) test $(CARGO_FLAGS) --test containers --test deploy_manifests -- $(TEST_ARGS)

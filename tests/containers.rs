@@ -314,9 +314,13 @@ fn build_image() -> String {
 /// it removes its containers and networks, printing their logs first when
 /// the test is failing.
 struct Project<'a> {
-    docker: &'a Docker,
+    /// Held so that the project cannot outlive the test's turn.
+    _docker: &'a Docker,
     name: String,
     override_file: PathBuf,
+    /// The compose command, program first: the tool itself, or the
+    /// README's `scripts/compose.sh` (see [`Project::up_as_readme`]).
+    compose: Vec<String>,
 }
 
 impl<'a> Project<'a> {
@@ -333,9 +337,10 @@ impl<'a> Project<'a> {
         // The guard exists before `up`, so a half-started project is
         // removed too.
         let project = Project {
-            docker,
+            _docker: docker,
             name,
             override_file,
+            compose: docker.compose.clone(),
         };
         let started = Instant::now();
         project.scale(workers);
@@ -346,23 +351,63 @@ impl<'a> Project<'a> {
         project
     }
 
+    /// A project driven the way the README says: through
+    /// `scripts/compose.sh` (which picks `docker compose` or
+    /// `docker-compose` and, with no registry, Redis from the local base),
+    /// with the image in `TETHER_IMAGE` and no `TETHER_REDIS_IMAGE`. The
+    /// override only gives the networks test subnets; nothing is started.
+    fn readme(docker: &'a Docker, label: &str) -> Project<'a> {
+        let name = format!("tetherct-{}-{label}", std::process::id());
+        let override_file =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.compose.yml"));
+        let [registry, beats, _] = free_subnets();
+        let networks: String = [("registry", registry), ("beats", beats)]
+            .iter()
+            .map(|(name, subnet)| {
+                format!("  {name}:\n    ipam:\n      config:\n        - subnet: {subnet}\n")
+            })
+            .collect();
+        std::fs::write(&override_file, format!("networks:\n{networks}")).unwrap();
+        let compose = vec![
+            "env".to_owned(),
+            "-u".to_owned(),
+            "TETHER_REDIS_IMAGE".to_owned(),
+            format!("TETHER_IMAGE={}", docker.image),
+            repo().join("scripts/compose.sh").display().to_string(),
+        ];
+        Project {
+            _docker: docker,
+            name,
+            override_file,
+            compose,
+        }
+    }
+
+    /// This project's compose command line with `args`, program first.
+    fn command(&self, args: &[&str]) -> Vec<String> {
+        let compose_file = repo().join("docker-compose.yml");
+        let mut full = self.compose.clone();
+        full.extend(["-p".to_owned(), self.name.clone()]);
+        full.extend(["-f".to_owned(), compose_file.display().to_string()]);
+        full.extend(["-f".to_owned(), self.override_file.display().to_string()]);
+        full.extend(args.iter().map(|a| a.to_string()));
+        full
+    }
+
     /// Runs the compose tool on this project.
     fn compose(&self, args: &[&str]) -> String {
-        let compose_file = repo().join("docker-compose.yml");
-        let mut full: Vec<&str> = self.docker.compose[1..]
-            .iter()
-            .map(String::as_str)
-            .collect();
-        full.extend([
-            "-p",
-            &self.name,
-            "-f",
-            compose_file.to_str().unwrap(),
-            "-f",
-            self.override_file.to_str().unwrap(),
-        ]);
-        full.extend(args);
-        must(&self.docker.compose[0], &full)
+        let full = self.command(args);
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        must(full[0], &full[1..])
+    }
+
+    /// Runs the compose tool on this project; returns its exit, stdout and
+    /// stderr, whatever the exit.
+    fn try_compose(&self, args: &[&str]) -> std::process::Output {
+        let full = self.command(args);
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        run_to_exit(Path::new(full[0]), &full[1..], COMMAND_TIMEOUT)
+            .unwrap_or_else(|e| panic!("`{}`: {e}", full.join(" ")))
     }
 
     /// Brings the number of workers to `workers` (both heads and Redis
@@ -450,10 +495,7 @@ impl<'a> Project<'a> {
 impl Drop for Project<'_> {
     fn drop(&mut self) {
         let compose_file = repo().join("docker-compose.yml");
-        let mut base: Vec<&str> = self.docker.compose[1..]
-            .iter()
-            .map(String::as_str)
-            .collect();
+        let mut base: Vec<&str> = self.compose[1..].iter().map(String::as_str).collect();
         base.extend([
             "-p",
             &self.name,
@@ -467,8 +509,7 @@ impl Drop for Project<'_> {
         if std::thread::panicking() {
             let mut args = base.clone();
             args.extend(["logs", "--no-color", "--tail", "40"]);
-            if let Ok(out) = run_to_exit(Path::new(&self.docker.compose[0]), &args, COMMAND_TIMEOUT)
-            {
+            if let Ok(out) = run_to_exit(Path::new(&self.compose[0]), &args, COMMAND_TIMEOUT) {
                 eprintln!(
                     "---- logs of {} ----\n{}{}",
                     self.name,
@@ -489,7 +530,7 @@ impl Drop for Project<'_> {
         }
         let mut args = base.clone();
         args.extend(["down", "--volumes", "--remove-orphans", "--timeout", "2"]);
-        let _ = run_to_exit(Path::new(&self.docker.compose[0]), &args, COMMAND_TIMEOUT);
+        let _ = run_to_exit(Path::new(&self.compose[0]), &args, COMMAND_TIMEOUT);
         // Whatever networks are left (the compose tool failed, or the
         // engine lost count as above).
         let left = docker(&["network", "ls", "-q", "--filter", &label])
@@ -1116,4 +1157,215 @@ fn network_partitions_never_attach_a_worker_to_two_heads_and_heal() {
         "workers attached to two heads:\n{}",
         samples.violations.join("\n")
     );
+}
+
+/// Removes an image when dropped.
+struct RemoveImage(String);
+
+impl Drop for RemoveImage {
+    fn drop(&mut self) {
+        let _ = run_to_exit(
+            Path::new("docker"),
+            &["image", "rm", "--force", &self.0],
+            COMMAND_TIMEOUT,
+        );
+    }
+}
+
+/// The README's `make image` where the Dockerfile's base cannot be pulled:
+/// it says so, names the registry-free commands, and builds the image
+/// from host binaries on the local base by itself. The Rust image is one
+/// no registry has, so the fallback is certain on any machine; the
+/// binaries are this test run's (`IMAGE_BINARIES`), not a release build.
+#[test]
+fn make_image_without_a_registry_says_so_and_builds_on_the_local_base() {
+    let Some(docker) =
+        docker_or_skip("make_image_without_a_registry_says_so_and_builds_on_the_local_base")
+    else {
+        return;
+    };
+    // The base exists by now (`docker_or_skip` built it), as after the
+    // first `make image` of a machine.
+    let _ = &docker.image;
+    let tag = format!("tether-test-make:{}", std::process::id());
+    let _remove = RemoveImage(tag.clone());
+    let rust_image = "registry.invalid/tether/no-such-rust:1";
+    let binaries = Path::new(env!("CARGO_BIN_EXE_tether-head"))
+        .parent()
+        .unwrap();
+    let args = [
+        "-C".to_owned(),
+        repo().display().to_string(),
+        "image".to_owned(),
+        format!("IMAGE={tag}"),
+        format!("RUST_IMAGE={rust_image}"),
+        format!("IMAGE_BINARIES={}", binaries.display()),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let output = run_to_exit(Path::new("make"), &args, BASE_TIMEOUT)
+        .unwrap_or_else(|e| panic!("make {}: {e}", args.join(" ")));
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "make image failed ({}):\n{log}",
+        output.status
+    );
+    say(format_args!(
+        "make image with {rust_image} unpullable: built {tag} in {:.1?}",
+        started.elapsed()
+    ));
+    for expected in [
+        format!("build-image: cannot pull {rust_image} ("),
+        format!("sudo scripts/container-base.sh && make image-prebuilt RUNTIME_BASE={BASE_IMAGE}"),
+        format!("built {tag} in "),
+    ] {
+        assert!(
+            log.contains(&expected),
+            "make image did not say {expected:?}:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains("docker build -t"),
+        "make image tried the Dockerfile anyway:\n{log}"
+    );
+
+    // All three binaries, run as the unprivileged user, on the local base
+    // (the only one of the two bases with redis-server).
+    for bin in ["tether-head", "tether-worker", "tetherctl"] {
+        let version = must("docker", &["run", "--rm", &tag, bin, "--version"]);
+        assert!(version.contains(bin), "{bin} --version: {version:?}");
+    }
+    let uid = must("docker", &["run", "--rm", &tag, "id", "-u"]);
+    assert_eq!(uid.trim(), "10001");
+    must(
+        "docker",
+        &["run", "--rm", &tag, "redis-server", "--version"],
+    );
+}
+
+/// The worker streams each head reports in `tetherctl status --brief`.
+fn brief_streams(status: &str) -> BTreeMap<String, usize> {
+    status
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let head = fields.first()?;
+            if !head.starts_with("head-") {
+                return None;
+            }
+            Some((head.to_string(), fields.get(4)?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The README's Compose commands as written, through `scripts/compose.sh`
+/// with neither TETHER_REDIS_IMAGE nor a compose tool named: `up -d
+/// --scale worker=N` (Redis from the local base where redis:7-bookworm
+/// cannot be pulled), `exec head-2 tetherctl status --brief` with no
+/// terminal, `stop head-1` (a drain) and `logs head-1`.
+#[test]
+fn readme_compose_commands_run_through_scripts_compose_sh() {
+    let Some(docker) = docker_or_skip("readme_compose_commands_run_through_scripts_compose_sh")
+    else {
+        return;
+    };
+    let quick = Duration::from_secs(30);
+    let redis_here = succeeds("docker", &["image", "inspect", "redis:7-bookworm"], quick).is_ok()
+        || succeeds(
+            "docker",
+            &["manifest", "inspect", "redis:7-bookworm"],
+            quick,
+        )
+        .is_ok();
+    let project = Project::readme(&docker, "readme");
+    const WORKERS: usize = 4;
+
+    let started = Instant::now();
+    let scale = format!("worker={WORKERS}");
+    let up = project.try_compose(&["up", "-d", "--scale", &scale]);
+    let said = String::from_utf8_lossy(&up.stderr).into_owned();
+    assert!(
+        up.status.success(),
+        "compose.sh up failed ({}):\n{said}",
+        up.status
+    );
+    eprintln!(
+        "compose.sh up with {WORKERS} workers: {:.1?}\n{said}",
+        started.elapsed()
+    );
+    let redis_image = must(
+        "docker",
+        &[
+            "inspect",
+            "--format",
+            "{{.Config.Image}}",
+            &project.container("redis"),
+        ],
+    );
+    if redis_here {
+        say(format_args!(
+            "redis:7-bookworm is available here; Redis ran from {}",
+            redis_image.trim()
+        ));
+    } else {
+        assert!(
+            said.contains(&format!("Redis runs from {BASE_IMAGE}")),
+            "compose.sh did not say where Redis runs from:\n{said}"
+        );
+        assert_eq!(
+            redis_image.trim(),
+            BASE_IMAGE,
+            "the Redis container's image"
+        );
+    }
+
+    // `exec` as the README writes it (compose.sh adds -T: no terminal here).
+    let status_until = |what: &str, ok: &dyn Fn(&BTreeMap<String, usize>) -> bool| -> String {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let out = project.try_compose(&["exec", "head-2", "tetherctl", "status", "--brief"]);
+            let status = String::from_utf8_lossy(&out.stdout).into_owned();
+            if out.status.success() && ok(&brief_streams(&status)) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: `compose.sh exec head-2 tetherctl status --brief` never showed it; last ({}):\n{status}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    };
+    let status = status_until("both heads, every worker", &|s| {
+        s.len() == 2 && s.values().sum::<usize>() == WORKERS
+    });
+    eprintln!("tetherctl status --brief:\n{status}");
+
+    // `stop head-1`: it drains to head-2; `logs head-1` shows it.
+    let stopped = Instant::now();
+    project.compose(&["stop", "head-1"]);
+    let took = stopped.elapsed();
+    let logs = project.try_compose(&["logs", "--no-color", "head-1"]);
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&logs.stdout),
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    assert!(
+        logs.contains("draining on signal"),
+        "compose.sh logs head-1 shows no drain:\n{logs}"
+    );
+    let status = status_until("every worker on head-2", &|s| {
+        s.len() == 1 && s.get("head-2") == Some(&WORKERS)
+    });
+    say(format_args!(
+        "README compose commands through scripts/compose.sh: up, exec, stop head-1 ({took:.1?}), logs; \
+         then head-2 holds all {WORKERS} workers:\n{status}"
+    ));
 }
