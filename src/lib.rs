@@ -29,7 +29,6 @@
 //! - [`metrics`]: Prometheus counters and histograms, and `/metrics`.
 //! - [`shutdown`]: signals and cancellation.
 //! - [`backoff`]: capped exponential backoff with jitter.
-//! - [`localcluster`]: a real Redis, heads and workers as local processes.
 
 pub mod attach;
 pub mod backoff;
@@ -38,7 +37,6 @@ pub mod config;
 pub mod discovery;
 pub mod events;
 pub mod listing;
-pub mod localcluster;
 pub mod metrics;
 pub mod pb;
 pub mod placement;

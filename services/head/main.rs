@@ -14,7 +14,10 @@ mod service;
 
 /// mimalloc instead of glibc's malloc: during a failover, glibc's malloc
 /// and free took a sixth of all CPU, and with it a quiet head at 10,000
-/// workers uses about a sixth less (see docs/BENCHMARKS.md).
+/// workers uses about a sixth less (see docs/BENCHMARKS.md). Behind the
+/// default-on `mimalloc` feature, so that `--no-default-features` leaves
+/// the library (and this binary) on the system allocator.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
