@@ -328,6 +328,8 @@ pub fn parse_args_and_matches<T: clap::Parser>(name: &str) -> (T, clap::ArgMatch
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
     #[command(flatten)]
+    // A doc comment here would become clap's help text for the group.
+    #[allow(missing_docs)]
     pub registry: RegistryArgs,
 
     /// Log format: human-readable `text` or one JSON object per line.
@@ -358,6 +360,8 @@ pub struct CommonArgs {
     pub idle_connection_timeout: Duration,
 
     #[command(flatten)]
+    // A doc comment here would become clap's help text for the group.
+    #[allow(missing_docs)]
     pub security: crate::security::SecurityArgs,
 }
 

@@ -30,12 +30,16 @@
 //! - [`shutdown`]: signals and cancellation.
 //! - [`backoff`]: capped exponential backoff with jitter.
 
+#![warn(missing_docs)]
+
 pub mod attach;
 pub mod backoff;
 pub mod codec;
 pub mod config;
 pub mod discovery;
 pub mod events;
+#[path = "../services/head/mod.rs"]
+pub mod head;
 pub mod listing;
 pub mod metrics;
 pub mod pb;
@@ -45,3 +49,4 @@ pub mod security;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod worker;

@@ -5,12 +5,12 @@
 //! Workers move make-before-break (new stream first, then they close this
 //! one), so a drained worker misses no beat.
 
-use crate::attached::Attached;
+use super::attached::Attached;
+use crate::pb::{Redirect, RedirectReason};
+use crate::placement;
+use crate::registry::{now_ms, HeadEntry, Registry};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tether::pb::{Redirect, RedirectReason};
-use tether::placement;
-use tether::registry::{now_ms, HeadEntry, Registry};
 use tokio::sync::watch;
 use tracing::{info, warn};
 

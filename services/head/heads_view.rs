@@ -5,11 +5,11 @@
 //! making their own, so ten thousand workers asking at once after a head
 //! died cost Redis one command, not ten thousand.
 
+use crate::pb::{HeadInfo, HeadState};
+use crate::placement;
+use crate::registry::{HeadEntry, Registry, RegistryError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tether::pb::{HeadInfo, HeadState};
-use tether::placement;
-use tether::registry::{HeadEntry, Registry, RegistryError};
 use tokio::sync::watch;
 
 /// One read of the registry's heads.

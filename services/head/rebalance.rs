@@ -37,15 +37,15 @@
 //! Expired heads are announced (`HEAD_GONE`) by the lease loop of the
 //! head whose sweep removed them, not by this loop.
 
-use crate::attached::{Attached, Stream};
-use crate::lease::LeaseState;
+use super::attached::{Attached, Stream};
+use super::lease::LeaseState;
+use crate::pb::{Redirect, RedirectReason};
+use crate::placement;
+use crate::registry::{HeadEntry, LoadDigest, Registry};
+use crate::shutdown::Shutdown;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tether::pb::{Redirect, RedirectReason};
-use tether::placement;
-use tether::registry::{HeadEntry, LoadDigest, Registry};
-use tether::shutdown::Shutdown;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -104,7 +104,7 @@ impl Rebalance {
                 Ok(()) = loads.changed() => {
                     let digest = *loads.borrow_and_update();
                     if let Some((_, d)) = digest {
-                        tether::metrics::METRICS.heads_live.set(d.live as i64);
+                        crate::metrics::METRICS.heads_live.set(d.live as i64);
                     }
                     let due = previous.is_none_or(|p| p.elapsed() >= digest_every);
                     if !(due && digest.is_some_and(|(mine, d)| self.digest_unbalanced(mine, d))) {
@@ -127,7 +127,7 @@ impl Rebalance {
                     continue;
                 }
             };
-            tether::metrics::METRICS.heads_live.set(heads.len() as i64);
+            crate::metrics::METRICS.heads_live.set(heads.len() as i64);
             let now = Instant::now();
             let known = known.get_or_insert_with(|| {
                 heads

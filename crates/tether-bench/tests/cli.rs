@@ -13,7 +13,9 @@ fn help_lists_every_scenario() {
         .expect("tether-bench starts");
     assert!(output.status.success(), "{output:?}");
     let help = String::from_utf8_lossy(&output.stdout);
-    for scenario in ["failover", "hang", "drain", "scale-up", "steady", "capacity"] {
+    for scenario in [
+        "failover", "hang", "drain", "scale-up", "steady", "capacity",
+    ] {
         assert!(help.contains(scenario), "--help lacks {scenario}:\n{help}");
     }
 }
