@@ -153,6 +153,11 @@ pub(super) async fn run(
             closing_for_metrics,
         ));
     }
+    let _abort = AbortOnDrop(vec![
+        server_task.abort_handle(),
+        lease_task.abort_handle(),
+        rebalance_task.abort_handle(),
+    ]);
     info!(head = %id, listen = %bound, %advertise, "head serving");
 
     tokio::select! {
@@ -218,4 +223,17 @@ pub(super) async fn run(
     leave.await;
     info!(head = %id, "stopped");
     Ok(())
+}
+
+/// Aborts the head's tasks when [`run`] is dropped before it finished (its
+/// caller gave up on the head): then nothing of it keeps serving, as when
+/// the process exits.
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
