@@ -4,34 +4,25 @@
 
 use std::time::Duration;
 
-/// Parses durations written like `500ms`, `2s`, `1m` or `1.5s`.
+/// Parses durations written like `500ms`, `2s`, `1m`, `1.5s` or `1m 30s`
+/// (humantime's syntax), up to a year.
 ///
 /// A bare number is rejected on purpose: `--lease-ttl 3` is ambiguous.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("'{text}' has no unit; write e.g. 500ms, 2s or 1m"))?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration; write e.g. 500ms, 2s or 1m"))?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => {
-            return Err(format!(
-                "'{text}' has unknown unit '{unit}'; use ms, s, m or h"
-            ))
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(format!("'{text}' has no unit; write e.g. 500ms, 2s or 1m"));
+    }
+    let d = humantime::parse_duration(text).map_err(|e| match e {
+        humantime::DurationError::UnknownUnit { unit, .. } => {
+            format!("'{text}' has unknown unit '{unit}'; use ms, s, m or h")
         }
-    };
-    let secs = value * scale;
-    if !secs.is_finite() || secs > 86_400.0 * 365.0 {
+        _ => format!("'{text}' is not a duration; write e.g. 500ms, 2s or 1m"),
+    })?;
+    if d > Duration::from_secs(86_400 * 365) {
         return Err(format!("'{text}' is out of range"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 /// Checks that a Redis URL parses, without connecting. The error never
