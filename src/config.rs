@@ -4,14 +4,21 @@
 
 use std::time::Duration;
 
-/// Parses durations written like `500ms`, `2s`, `1m`, `1.5s` or `1m 30s`
-/// (humantime's syntax), up to a year.
+/// Parses durations written like `500ms`, `2s`, `1m` or `1.5s` (with
+/// humantime, without spaces), up to a year.
 ///
 /// A bare number is rejected on purpose: `--lease-ttl 3` is ambiguous.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == '.') {
         return Err(format!("'{text}' has no unit; write e.g. 500ms, 2s or 1m"));
+    }
+    // One number and its unit, written together, as always: humantime
+    // alone would also take "3 s" and "1m 30s".
+    if text.contains(char::is_whitespace) {
+        return Err(format!(
+            "'{text}' is not a duration; write e.g. 500ms, 2s or 1m, without spaces"
+        ));
     }
     let d = humantime::parse_duration(text).map_err(|e| match e {
         humantime::DurationError::UnknownUnit { unit, .. } => {
@@ -180,6 +187,7 @@ mod tests {
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("1e400s").is_err());
+        assert!(parse_duration("3 s").is_err());
     }
 
     #[test]
