@@ -27,17 +27,26 @@ WORKDIR /src
 ARG BINS="tether-head tether-worker tetherctl"
 
 # Dependencies first, in their own layer: it is rebuilt only when the
-# manifest, the lock file, build.rs or the protocol change. Every target path
-# named in Cargo.toml gets a stub so that cargo accepts the manifest.
+# manifests, the lock file, build.rs or the protocol change. Every target
+# path named in a manifest (the root is also the workspace of
+# crates/tether-testkit and crates/tether-bench, which the image does not
+# ship but cargo must be able to read) gets a stub so that cargo accepts it.
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY crates/tether-testkit/Cargo.toml ./crates/tether-testkit/
+COPY crates/tether-bench/Cargo.toml ./crates/tether-bench/
 COPY proto ./proto
 RUN set -eu; \
-    for path in $(sed -n 's/^path *= *"\(.*\)"/\1/p' Cargo.toml); do \
-        mkdir -p "$(dirname "$path")"; \
-        echo 'fn main() {}' > "$path"; \
+    for manifest in Cargo.toml crates/*/Cargo.toml; do \
+        dir=$(dirname "$manifest"); \
+        for path in $(sed -n 's/^path *= *"\(.*\)"/\1/p' "$manifest"); do \
+            mkdir -p "$dir/$(dirname "$path")"; \
+            echo 'fn main() {}' > "$dir/$path"; \
+        done; \
     done; \
     : > src/lib.rs; \
-    cargo build --release --locked $(printf -- '--bin %s ' $BINS); \
+    mkdir -p crates/tether-testkit/src; \
+    : > crates/tether-testkit/src/lib.rs; \
+    cargo build --release --locked -p tether $(printf -- '--bin %s ' $BINS); \
     rm -rf src services
 
 # The real sources. COPY keeps the files' modification times, which may be
@@ -46,7 +55,7 @@ COPY src ./src
 COPY services ./services
 RUN set -eu; \
     find src services -name '*.rs' -exec touch {} +; \
-    cargo build --release --locked $(printf -- '--bin %s ' $BINS); \
+    cargo build --release --locked -p tether $(printf -- '--bin %s ' $BINS); \
     mkdir -p /out; \
     for bin in $BINS; do cp "target/release/$bin" /out/; done
 

@@ -39,8 +39,8 @@ redis: ## Make sure redis-server is installed (apt-get when missing)
 test-deps: ## Install what the test suite needs (Redis, Python packages, ...)
 	@scripts/ensure-test-deps.sh
 
-build: ## Build everything (debug)
-	$(CARGO) build $(CARGO_FLAGS) --all-targets
+build: ## Build everything (debug): the tether package, the test kit, the bench
+	$(CARGO) build $(CARGO_FLAGS) --workspace --all-targets
 
 release: ## Build every binary (release)
 	$(CARGO) build $(CARGO_FLAGS) --release --bins
@@ -56,7 +56,7 @@ chaos: redis ## Chaos with 200 tether-worker processes over SEEDS fresh seeds (a
 	TETHER_CHAOS_SEEDS=$(SEEDS) $(CARGO) test $(CARGO_FLAGS) --test chaos_processes -- --nocapture seeded_schedules $(TEST_ARGS)
 
 bench: redis ## Every tether-bench scenario at full size (about 10 min); JSON in target/bench/
-	$(CARGO) build $(CARGO_FLAGS) --release --bin tether-head --bin tether-bench
+	$(CARGO) build $(CARGO_FLAGS) --release --bin tether-head -p tether-bench
 	@mkdir -p target/bench
 	@for s in failover hang drain scale-up steady capacity; do \
 		target/release/tether-bench $$s --json target/bench/$$s.json || exit 1; \
@@ -64,7 +64,7 @@ bench: redis ## Every tether-bench scenario at full size (about 10 min); JSON in
 
 lint: ## rustfmt check, clippy with warnings as errors, shellcheck
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy $(CARGO_FLAGS) --all-targets -- -D warnings
+	$(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
 	@if command -v shellcheck >/dev/null 2>&1; then \
 		shellcheck scripts/*.sh .ci/run; \
 	else \

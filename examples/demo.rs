@@ -16,10 +16,10 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use tether::localcluster::{self, Binaries, Cluster, Probe};
 use tether::pb::WorkerStatus;
 use tether::registry::now_ms;
 use tether::shutdown::{self, Signal};
+use tether_testkit::localcluster::{self, Binaries, Cluster, Probe};
 
 const HEADS: usize = 3;
 const WORKERS: usize = 12;

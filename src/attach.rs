@@ -207,7 +207,7 @@ pub async fn run(
             prefer: prefer.map(|id| HeadEntry {
                 id,
                 addr: String::new(),
-                state: "ready".into(),
+                state: crate::pb::HeadState::Ready,
                 ..HeadEntry::default()
             }),
             prefer_if_listed: true,
@@ -352,7 +352,7 @@ async fn establish(
         if attempt.prefer_if_listed {
             if let Some(h) = listed
                 .iter()
-                .find(|h| h.id == p.id && h.state != "draining")
+                .find(|h| h.id == p.id && h.state != crate::pb::HeadState::Draining)
             {
                 order.push(h.clone());
             }
@@ -366,7 +366,7 @@ async fn establish(
         let rest: Vec<HeadEntry> = listed
             .into_iter()
             .filter(|h| {
-                h.state != "draining"
+                h.state != crate::pb::HeadState::Draining
                     && Some(h.id.as_str()) != attempt.skip
                     && !order.iter().any(|o| o.id == h.id)
             })
@@ -707,7 +707,7 @@ async fn follow(
     let prefer = (!redirect.suggested_head_id.is_empty()).then(|| HeadEntry {
         id: redirect.suggested_head_id.clone(),
         addr: redirect.suggested_head_addr.clone(),
-        state: "ready".into(),
+        state: crate::pb::HeadState::Ready,
         ..HeadEntry::default()
     });
     if prefer.is_none() && !draining {

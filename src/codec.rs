@@ -16,7 +16,7 @@ const BUFFER_BYTES: usize = 256;
 /// Messages encoded before tonic yields to send them (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-/// [`tonic_prost::ProstCodec`] with [`BUFFER_BYTES`] buffers. Named in
+/// [`tonic_prost::ProstCodec`] with `BUFFER_BYTES` buffers. Named in
 /// `build.rs` as the codec of the generated services and clients.
 #[derive(Debug, Clone)]
 pub struct SmallBufferCodec<T, U>(PhantomData<(T, U)>);

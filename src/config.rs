@@ -4,34 +4,32 @@
 
 use std::time::Duration;
 
-/// Parses durations written like `500ms`, `2s`, `1m` or `1.5s`.
+/// Parses durations written like `500ms`, `2s`, `1m` or `1.5s` (with
+/// humantime, without spaces), up to a year.
 ///
 /// A bare number is rejected on purpose: `--lease-ttl 3` is ambiguous.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("'{text}' has no unit; write e.g. 500ms, 2s or 1m"))?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration; write e.g. 500ms, 2s or 1m"))?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => {
-            return Err(format!(
-                "'{text}' has unknown unit '{unit}'; use ms, s, m or h"
-            ))
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(format!("'{text}' has no unit; write e.g. 500ms, 2s or 1m"));
+    }
+    // One number and its unit, written together, as always: humantime
+    // alone would also take "3 s" and "1m 30s".
+    if text.contains(char::is_whitespace) {
+        return Err(format!(
+            "'{text}' is not a duration; write e.g. 500ms, 2s or 1m, without spaces"
+        ));
+    }
+    let d = humantime::parse_duration(text).map_err(|e| match e {
+        humantime::DurationError::UnknownUnit { unit, .. } => {
+            format!("'{text}' has unknown unit '{unit}'; use ms, s, m or h")
         }
-    };
-    let secs = value * scale;
-    if !secs.is_finite() || secs > 86_400.0 * 365.0 {
+        _ => format!("'{text}' is not a duration; write e.g. 500ms, 2s or 1m"),
+    })?;
+    if d > Duration::from_secs(86_400 * 365) {
         return Err(format!("'{text}' is out of range"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 /// Checks that a Redis URL parses, without connecting. The error never
@@ -207,6 +205,7 @@ mod tests {
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("1e400s").is_err());
+        assert!(parse_duration("3 s").is_err());
     }
 
     #[test]
@@ -346,6 +345,8 @@ pub fn parse_args_and_matches<T: clap::Parser>(name: &str) -> (T, clap::ArgMatch
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
     #[command(flatten)]
+    // A doc comment here would become clap's help text for the group.
+    #[allow(missing_docs)]
     pub registry: RegistryArgs,
 
     /// Log format: human-readable `text` or one JSON object per line.
@@ -377,6 +378,8 @@ pub struct CommonArgs {
     pub idle_connection_timeout: Duration,
 
     #[command(flatten)]
+    // A doc comment here would become clap's help text for the group.
+    #[allow(missing_docs)]
     pub security: crate::security::SecurityArgs,
 }
 

@@ -213,11 +213,9 @@ impl Discovery {
             .into_iter()
             .map(|h| HeadEntry {
                 state: match h.state() {
-                    HeadState::Draining => "draining",
-                    HeadState::Stale => "stale",
-                    _ => "ready",
-                }
-                .into(),
+                    s @ (HeadState::Draining | HeadState::Stale) => s,
+                    _ => HeadState::Ready,
+                },
                 id: h.head_id,
                 addr: h.addr,
                 assigned: h.load,
@@ -235,7 +233,7 @@ impl Discovery {
 /// then draining ones.
 fn order_locally(worker: &str, heads: Vec<HeadEntry>) -> Vec<HeadEntry> {
     let mut ordered = Vec::with_capacity(heads.len());
-    for state in ["ready", "stale", "draining"] {
+    for state in [HeadState::Ready, HeadState::Stale, HeadState::Draining] {
         let group: Vec<HeadEntry> = heads.iter().filter(|h| h.state == state).cloned().collect();
         ordered.extend(
             placement::rendezvous_order(worker, &group, |h| h.id.as_str())

@@ -7,6 +7,17 @@
 //! registry) and move there with a `Reassign` call, whose per-assignment
 //! secret the new stream must present.
 //!
+//! # Using it as a library
+//! - [`head`]: run a head in your program (`Head::builder(settings)
+//!   .registry(..).build()?.serve(listener, shutdown)`), or next to your
+//!   own gRPC services on one port (`serve_with`).
+//! - [`worker`]: keep your program attached (`Worker::builder(id)
+//!   .heads(..).spawn()?`), watch its [`worker::Attachment`], and
+//!   `shutdown().await`.
+//!
+//! The feature `mimalloc` (default) only sets `tether-head`'s allocator;
+//! `default-features = false` leaves the library without it.
+//!
 //! # Layout
 //! - [`codec`]: the protobuf codec with small per-call buffers.
 //! - [`pb`]: the generated protocol (`proto/tether/v1/tether.proto`) and
@@ -14,10 +25,12 @@
 //! - [`registry`]: everything in Redis: key layout, head leases,
 //!   assignments with epochs in each head's hash (Lua scripts; epochs are
 //!   decimal strings there, never Lua numbers).
-//! - [`events`]: membership events through Redis pub/sub.
+//! - `events` (internal): membership events through Redis pub/sub.
 //! - [`listing`]: `ListWorkers` in pages: sizes, the head's cut, the
 //!   client loop that reads every page.
 //! - [`placement`]: rendezvous ordering of heads for a worker.
+//! - [`head`]: the head (files in `services/head/`).
+//! - [`worker`]: the worker API over the attach loop.
 //! - [`attach`]: the worker side of the protocol, shared by `tether-worker`
 //!   and the benchmark.
 //! - [`discovery`]: how a worker learns the heads: `ListHeads` on a
@@ -30,16 +43,18 @@
 //!   port's HTTP server (`/metrics`; a head adds its dashboard there).
 //! - [`shutdown`]: signals and cancellation.
 //! - [`backoff`]: capped exponential backoff with jitter.
-//! - [`localcluster`]: a real Redis, heads and workers as local processes.
+
+#![warn(missing_docs)]
 
 pub mod attach;
 pub mod backoff;
 pub mod codec;
 pub mod config;
 pub mod discovery;
-pub mod events;
+pub(crate) mod events;
+#[path = "../services/head/mod.rs"]
+pub mod head;
 pub mod listing;
-pub mod localcluster;
 pub mod metrics;
 pub mod pb;
 pub mod placement;
@@ -48,3 +63,4 @@ pub mod security;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod worker;

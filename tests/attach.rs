@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use tether::localcluster::Probe;
+use tether_testkit::localcluster::Probe;
 
 #[tokio::test]
 async fn workers_attach_and_beats_flow_both_ways() {

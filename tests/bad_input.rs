@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use std::time::Duration;
-use tether::localcluster::{head_client, wait_serving, Cluster, Probe, Reply};
 use tether::pb::{ReassignRequest, WorkerBeat};
+use tether_testkit::localcluster::{head_client, wait_serving, Cluster, Probe, Reply};
 use tonic::Code;
 
 /// A Redis and two registered heads, without workers.

@@ -14,12 +14,10 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use tether::localcluster::{head_client, wait_serving, wait_until, Probe};
 use tether::pb::{EventKind, WatchEventsRequest};
 use tether::placement::load_bound;
-use tokio::sync::Mutex;
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+use tether_testkit::localcluster::{head_client, wait_serving, wait_until, Probe};
+use tether_testkit::ONE_AT_A_TIME;
 
 /// The heads' default ε (`--balance-slack 0.25`), in thousandths.
 const SLACK_PERMILLE: u32 = 250;

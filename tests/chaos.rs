@@ -32,7 +32,7 @@ use common::{binaries, ok, HEAD_SERVICE, WORKER_ARGS};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tether::localcluster::{self, wait_serving, Cluster, Probe};
+use tether_testkit::localcluster::{self, wait_serving, Cluster, Probe};
 use tonic::transport::Channel;
 
 /// Beats every 200 ms, a silent peer is gone after 800 ms, a crashed

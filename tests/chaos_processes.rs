@@ -44,8 +44,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tether::localcluster::{wait_serving, Cluster, Role, Signal};
 use tether::registry::now_ms;
+use tether_testkit::localcluster::{wait_serving, Cluster, Role, Signal};
 
 /// The timings of issue 16: beats every 200 ms, a silent peer is gone
 /// after 1 s, a hung head's lease lapses after 2 s.
@@ -107,8 +107,8 @@ const DEFAULT_SEEDS: usize = 1;
 /// The schedule of issue 16, as filed.
 const ISSUE_16: &str = "kill h0, stop h3, new h4, new h5, stop h4, term h3, stop h4, kill h4, cont h3, stop h5, stop h1, term h5, term h5, new h6, term h6, cont h5, new h7, kill h2, cont h1, kill h7, new h8";
 
-/// Two runs at once would put four hundred workers on the machine.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+// Two runs at once would put four hundred workers on the machine.
+use tether_testkit::ONE_AT_A_TIME;
 
 /// One step of a schedule; `Display` writes what `parse` reads.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
-use tether::localcluster::{wait_until, Probe, Reply};
+use tether_testkit::localcluster::{wait_until, Probe, Reply};
 
 /// A lease ten times longer than the time the test allows for the head
 /// to leave, so that a key that disappears in time cannot have expired.
@@ -26,7 +26,7 @@ async fn sigterm_removes_the_registry_entry_at_once_and_workers_move() {
         ok(cluster.spawn_head(&head_id(i), &args));
     }
     for h in cluster.heads() {
-        ok(tether::localcluster::wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
+        ok(tether_testkit::localcluster::wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
     }
     for i in 0..6 {
         ok(cluster.spawn_worker(&worker_id(i), WORKER_ARGS));
@@ -49,8 +49,9 @@ async fn sigterm_removes_the_registry_entry_at_once_and_workers_move() {
     };
     let orphans = before.workers_of(victim);
     let key = format!("{{tether}}:head:{victim}");
-    let exists =
-        |cluster: &tether::localcluster::Cluster| cluster.redis().command(&["EXISTS", &key]);
+    let exists = |cluster: &tether_testkit::localcluster::Cluster| {
+        cluster.redis().command(&["EXISTS", &key])
+    };
     assert_eq!(
         ok(exists(&cluster)),
         Reply::Integer(1),
@@ -114,7 +115,7 @@ fn drain_args(drain_timeout: &'static str) -> Vec<&'static str> {
 
 /// Calls `Drain` on the head at `addr`.
 async fn call_drain(addr: std::net::SocketAddr) {
-    let mut client = tether::localcluster::head_client(addr);
+    let mut client = tether_testkit::localcluster::head_client(addr);
     let answer = tokio::time::timeout(
         Duration::from_secs(5),
         client.drain(tether::pb::DrainRequest {}),
@@ -137,7 +138,7 @@ async fn drain_rpc_then_sigterm_finishes_the_handoff_and_exits_0() {
         ok(cluster.spawn_head(&head_id(i), &args));
     }
     for h in cluster.heads() {
-        ok(tether::localcluster::wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
+        ok(tether_testkit::localcluster::wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
     }
     for i in 0..6 {
         ok(cluster.spawn_worker(&worker_id(i), WORKER_ARGS));
@@ -198,7 +199,7 @@ async fn during_a_drain_only_a_second_signal_exits_early() {
         let id = head_id(i);
         ok(cluster.spawn_head(&id, &args));
         let addr = cluster.process(&id).expect("a head").addr;
-        ok(tether::localcluster::wait_serving(addr, HEAD_SERVICE, START_TIMEOUT).await);
+        ok(tether_testkit::localcluster::wait_serving(addr, HEAD_SERVICE, START_TIMEOUT).await);
         let worker = worker_id(i);
         ok(cluster.spawn_worker(&worker, WORKER_ARGS));
         let heads = vec![Member::from(cluster.process(&id).expect("a head"))];

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tether::localcluster::{run_to_exit, wait_serving, wait_until, Probe};
+use tether_testkit::localcluster::{run_to_exit, wait_serving, wait_until, Probe};
 use tokio::runtime::Runtime;
 
 /// The heartbeat interval the test cluster runs with.

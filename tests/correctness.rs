@@ -13,8 +13,8 @@ mod common;
 use common::*;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
-use tether::localcluster::{head_client, wait_serving, wait_until, Cluster, Probe, Reply};
 use tether::pb::{ListWorkersRequest, ReassignRequest, WorkerBeat};
+use tether_testkit::localcluster::{head_client, wait_serving, wait_until, Cluster, Probe, Reply};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tether::localcluster::{free_port, wait_serving};
+use tether_testkit::localcluster::{free_port, wait_serving};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -375,11 +375,12 @@ async fn the_dashboard_shows_heads_loads_moves_drains_and_survives_its_head() {
         "authorization",
         format!("Bearer {TOKEN}").parse().expect("ASCII"),
     );
-    let listed = tether::localcluster::head_client(cluster.process(&page_head).expect("head").addr)
-        .list_heads(request)
-        .await
-        .expect("ListHeads")
-        .into_inner();
+    let listed =
+        tether_testkit::localcluster::head_client(cluster.process(&page_head).expect("head").addr)
+            .list_heads(request)
+            .await
+            .expect("ListHeads")
+            .into_inner();
     let listed: BTreeMap<String, String> = listed
         .heads
         .into_iter()

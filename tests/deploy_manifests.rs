@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
-use tether::localcluster::run_to_exit;
+use tether_testkit::localcluster::run_to_exit;
 
 /// Which binary a piece of a manifest configures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

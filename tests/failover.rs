@@ -10,10 +10,9 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use tether::localcluster::{wait_until, Cluster, Probe};
-use tokio::sync::Mutex;
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+use tether_testkit::localcluster::{wait_until, Cluster, Probe};
+use tether_testkit::moves::{self, Moves, Orphan};
+use tether_testkit::ONE_AT_A_TIME;
 
 /// The head with the most workers, and the epoch of each of them.
 fn busiest(view: &View) -> (String, BTreeMap<String, u64>) {
@@ -44,45 +43,20 @@ async fn wait_moved(
     since: Instant,
     within: Duration,
 ) -> BTreeMap<String, Duration> {
-    let mut probe = Probe::new();
-    let mut moved: BTreeMap<String, Duration> = BTreeMap::new();
-    let mut last: BTreeMap<String, String> = BTreeMap::new();
-    let addrs: Vec<_> = orphans
-        .keys()
-        .map(|w| (w.clone(), cluster.process(w).expect("a worker").addr))
-        .collect();
-    let remaining = within.saturating_sub(since.elapsed());
-    wait_until(remaining, Duration::from_millis(20), async || {
-        for (w, addr) in &addrs {
-            if moved.contains_key(w) {
-                continue;
-            }
-            match probe.worker_status(*addr).await {
-                Ok(s) if s.attached && s.head_id != victim && s.epoch > orphans[w] => {
-                    moved.insert(w.clone(), since.elapsed());
-                }
-                Ok(s) => {
-                    last.insert(w.clone(), format!("{s:?}"));
-                }
-                Err(e) => {
-                    last.insert(w.clone(), e.to_string());
-                }
-            }
-        }
-        moved.len() == addrs.len()
-    })
-    .await;
-    let late: Vec<String> = orphans
-        .keys()
-        .filter(|w| !moved.contains_key(*w))
-        .map(|w| {
-            format!(
-                "{w} (epoch before {}): {}",
-                orphans[w],
-                last.get(w).map_or("", |s| s)
-            )
+    let orphans: BTreeMap<String, Orphan> = orphans
+        .iter()
+        .map(|(w, epoch)| {
+            let addr = cluster.process(w).expect("a worker").addr;
+            let orphan = Orphan {
+                addr,
+                epoch_before: *epoch,
+            };
+            (w.clone(), orphan)
         })
         .collect();
+    let Moves { moved, late } =
+        moves::wait_moved(&mut Probe::new(), &[victim], &orphans, since, within).await;
+    let moved: BTreeMap<String, Duration> = moved.into_iter().map(|(w, (t, _))| (w, t)).collect();
     assert!(
         late.is_empty(),
         "orphans of {victim} not attached elsewhere under a higher epoch within {within:?}:\n{}\nmoved: {moved:?}",
@@ -225,7 +199,7 @@ async fn a_pause_shorter_than_the_timeout_moves_workers_whose_last_beat_was_olde
         ok(cluster.spawn_head(&head_id(i), ARGS));
     }
     for h in cluster.heads() {
-        ok(tether::localcluster::wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
+        ok(tether_testkit::localcluster::wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
     }
     for i in 0..4 {
         ok(cluster.spawn_worker(&worker_id(i), WORKER_ARGS));

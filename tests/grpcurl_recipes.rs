@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use tether::localcluster::{wait_until, Probe};
+use tether_testkit::localcluster::{wait_until, Probe};
 
 /// Bound on one grpcurl call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
@@ -264,7 +264,7 @@ fn json_field(output: &str, key: &str) -> Option<String> {
     Some(value.to_string())
 }
 
-fn addr(cluster: &tether::localcluster::Cluster, id: &str) -> SocketAddr {
+fn addr(cluster: &tether_testkit::localcluster::Cluster, id: &str) -> SocketAddr {
     cluster.process(id).expect("a member").addr
 }
 
@@ -457,7 +457,7 @@ async fn readme_and_protocol_grpcurl_recipes_work_against_a_live_cluster() {
 async fn watch_events(
     grpcurl: &PathBuf,
     recipe: &Recipe,
-    cluster: &mut tether::localcluster::Cluster,
+    cluster: &mut tether_testkit::localcluster::Cluster,
 ) {
     let mut child = Command::new(grpcurl)
         .args(&recipe.args)

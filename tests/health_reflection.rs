@@ -9,7 +9,7 @@ use common::*;
 use prost::Message;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tether::localcluster::{channel, wait_serving, wait_until, Probe};
+use tether_testkit::localcluster::{channel, wait_serving, wait_until, Probe};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_reflection::pb::{v1, v1alpha};
 
@@ -52,7 +52,7 @@ async fn liveness_and_readiness_follow_registration_and_attachment() {
     assert!(
         matches!(
             &unknown,
-            Err(tether::localcluster::HarnessError::Rpc {
+            Err(tether_testkit::localcluster::HarnessError::Rpc {
                 code: tonic::Code::NotFound,
                 ..
             })

@@ -14,16 +14,15 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
-use tether::localcluster::{head_client, wait_serving, wait_until, Cluster, Probe, Reply};
 use tether::pb::{ListWorkersRequest, ReassignRequest, WorkerBeat};
-use tokio::sync::Mutex;
+use tether_testkit::localcluster::{head_client, wait_serving, wait_until, Cluster, Probe, Reply};
+use tether_testkit::ONE_AT_A_TIME;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-/// The resource-measuring tests run one at a time, so that one does not
-/// measure the other.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+// The resource-measuring tests run one at a time, so that one does not
+// measure the other.
 
 /// The heartbeat timeout of `HEAD_ARGS`.
 const TIMEOUT: Duration = Duration::from_millis(600);

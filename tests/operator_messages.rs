@@ -10,8 +10,8 @@ mod common;
 
 use common::*;
 use std::time::Duration;
-use tether::localcluster::{head_client, wait_until};
 use tether::pb::{ClusterEvent, EventKind, WatchEventsRequest};
+use tether_testkit::localcluster::{head_client, wait_until};
 use tonic::Streaming;
 
 use std::process::{Command, Stdio};
@@ -134,7 +134,7 @@ async fn a_clean_exit_a_kill_and_a_silent_worker_are_told_apart() {
     // And the resumed worker is attached again.
     let waddr = cluster.process("worker-02").expect("a worker").addr;
     let attached = wait_until(WITHIN, Duration::from_millis(50), async || {
-        tether::localcluster::worker_status(waddr)
+        tether_testkit::localcluster::worker_status(waddr)
             .await
             .is_ok_and(|s| s.attached)
     })
@@ -148,14 +148,17 @@ async fn a_clean_exit_a_kill_and_a_silent_worker_are_told_apart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_without_redis_names_what_it_tried_without_the_password_and_repeats_it() {
     // A port nothing listens on, and a password that must never show.
-    let port = ok(tether::localcluster::free_port());
+    let port = ok(tether_testkit::localcluster::free_port());
     let url = format!("redis://:hunter2@127.0.0.1:{port}");
     let dir = std::env::temp_dir().join(format!("tether-no-redis-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temp dir");
     let log_path = dir.join("head.log");
     let log = std::fs::File::create(&log_path).expect("a log file");
-    let listen = format!("127.0.0.1:{}", ok(tether::localcluster::free_port()));
-    let mut head = Command::new(binaries().of(tether::localcluster::Role::Head))
+    let listen = format!(
+        "127.0.0.1:{}",
+        ok(tether_testkit::localcluster::free_port())
+    );
+    let mut head = Command::new(binaries().of(tether_testkit::localcluster::Role::Head))
         .args(["--id", "head-0", "--listen", &listen, "--redis-url", &url])
         .args(HEAD_ARGS)
         .env_remove("RUST_LOG")

@@ -19,10 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use tether::localcluster::{
+use tether::pb::{ListWorkersRequest, ListWorkersResponse, StatusRequest, WorkerStatus};
+use tether_testkit::localcluster::{
     head_client, run_to_exit, wait_serving, wait_until, worker_client, RPC_TIMEOUT,
 };
-use tether::pb::{ListWorkersRequest, ListWorkersResponse, StatusRequest, WorkerStatus};
 
 /// The command that installs what the test needs.
 const INSTALL: &str = "python3 -m pip install -r examples/python/requirements.txt";

@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tether::localcluster::{free_port, run_to_exit, wait_serving, wait_until, Cluster, Probe};
+use tether_testkit::localcluster::{
+    free_port, run_to_exit, wait_serving, wait_until, Cluster, Probe,
+};
 
 const INSTALL: &str =
     "python3 -m pip install -r examples/python/requirements.txt (or `make test-deps`)";

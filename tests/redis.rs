@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
-use tether::localcluster::{wait_serving, wait_until, Cluster, Probe, RedisServer, Reply};
+use tether_testkit::localcluster::{wait_serving, wait_until, Cluster, Probe, RedisServer, Reply};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 #[tokio::test]

@@ -11,12 +11,10 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use tether::localcluster::{head_client, wait_until, Cluster, Probe, Reply};
 use tether::pb::ReassignRequest;
-use tokio::sync::Mutex;
+use tether_testkit::localcluster::{head_client, wait_until, Cluster, Probe, Reply};
+use tether_testkit::ONE_AT_A_TIME;
 use tonic_health::pb::health_check_response::ServingStatus;
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 /// The lease TTL of `HEAD_ARGS`.
 const LEASE: Duration = Duration::from_secs(1);
@@ -257,7 +255,7 @@ async fn redis_down_for_seconds_moves_no_worker_and_heads_rebuild_within_one_lea
     let took = wait_rebuilt(&cluster, &before, back, LEASE + SLACK).await;
     eprintln!("registry rebuilt {took:?} after Redis came back");
     for h in &m.heads {
-        ok(tether::localcluster::wait_serving(h.addr, HEAD_SERVICE, LEASE + SLACK).await);
+        ok(tether_testkit::localcluster::wait_serving(h.addr, HEAD_SERVICE, LEASE + SLACK).await);
     }
     hold_still(&mut probe, &m, &before, Duration::from_secs(1), None).await;
 }

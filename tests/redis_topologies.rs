@@ -20,15 +20,16 @@ use common::{
     assigned_key, assignment_epoch, binaries, ok, settle, Member, View, HEAD_SERVICE, WORKER_ARGS,
 };
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tether::localcluster::{
-    free_port, head_client, wait_serving, wait_until, Probe, Reply, REDIS_MISSING, SPAWN_TIMEOUT,
-};
 use tether::pb::{ClusterEvent, EventKind, WatchEventsRequest, WorkerStatus};
+use tether_testkit::localcluster::{
+    self, free_port, head_client, wait_serving, wait_until, Probe, Reply, REDIS_MISSING,
+    SPAWN_TIMEOUT,
+};
 use tokio::sync::mpsc;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -155,58 +156,10 @@ impl Drop for Proc {
 }
 
 /// Sends one command to the Redis on `port` over a fresh connection and
-/// reads the reply: a blocking client small enough to trust, for looking
-/// at what Tether wrote on each node.
+/// reads the reply (the harness's blocking `redis` crate client), for
+/// looking at what Tether wrote on each node.
 fn redis_command(port: u16, args: &[&str]) -> Result<Reply, String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
-    let mut request = format!("*{}\r\n", args.len());
-    for a in args {
-        request.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| format!("writing to {addr}: {e}"))?;
-    read_reply(&mut BufReader::new(stream))
-}
-
-/// Reads one RESP2 reply.
-fn read_reply(reader: &mut impl BufRead) -> Result<Reply, String> {
-    let mut line = String::new();
-    reader.read_line(&mut line).map_err(|e| e.to_string())?;
-    let line = line.trim_end_matches(['\r', '\n']);
-    let (kind, rest) = line.split_at(line.len().min(1));
-    let number = || {
-        rest.parse::<i64>()
-            .map_err(|_| format!("bad reply {line:?}"))
-    };
-    Ok(match kind {
-        "+" => Reply::Simple(rest.to_owned()),
-        "-" => Reply::Error(rest.to_owned()),
-        ":" => Reply::Integer(number()?),
-        "$" => match usize::try_from(number()?) {
-            Err(_) => Reply::Bulk(None),
-            Ok(len) => {
-                let mut bytes = vec![0; len + 2];
-                reader.read_exact(&mut bytes).map_err(|e| e.to_string())?;
-                bytes.truncate(len);
-                Reply::Bulk(Some(bytes))
-            }
-        },
-        "*" => match usize::try_from(number()?) {
-            Err(_) => Reply::Array(None),
-            Ok(len) => Reply::Array(Some(
-                (0..len)
-                    .map(|_| read_reply(reader))
-                    .collect::<Result<_, _>>()?,
-            )),
-        },
-        _ => return Err(format!("bad reply {line:?}")),
-    })
+    localcluster::redis_command(port, args).map_err(|e| e.to_string())
 }
 
 /// A `redis-server` (plain, cluster node or sentinel) this file started.

@@ -15,12 +15,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
-use tether::localcluster::{head_client, wait_serving, wait_until, Cluster, Probe, Reply};
 use tether::pb::{DrainRequest, ReassignReason, ReassignRequest, WorkerStatus};
-use tokio::sync::Mutex;
+use tether_testkit::localcluster::{head_client, wait_serving, wait_until, Cluster, Probe, Reply};
+use tether_testkit::moves::{self, Moves, Orphan};
+use tether_testkit::ONE_AT_A_TIME;
 use tonic_health::pb::health_check_response::ServingStatus;
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 /// The heads' heartbeat interval, as given in [`TIMING`].
 const INTERVAL: Duration = Duration::from_millis(200);
@@ -228,47 +227,18 @@ async fn wait_moved(
     since: Instant,
     within: Duration,
 ) -> BTreeMap<String, (Duration, WorkerStatus)> {
-    let addrs: Vec<(String, SocketAddr)> =
-        orphans.keys().map(|w| (w.clone(), scene.addr(w))).collect();
-    let mut moved: BTreeMap<String, (Duration, WorkerStatus)> = BTreeMap::new();
-    let mut last: BTreeMap<String, String> = BTreeMap::new();
-    let probe = &mut scene.probe;
-    let remaining = within.saturating_sub(since.elapsed());
-    wait_until(remaining, Duration::from_millis(20), async || {
-        for (w, addr) in &addrs {
-            if moved.contains_key(w) {
-                continue;
-            }
-            match probe.worker_status(*addr).await {
-                Ok(s)
-                    if s.attached
-                        && !left.contains(&s.head_id.as_str())
-                        && s.epoch > orphans[w].epoch =>
-                {
-                    moved.insert(w.clone(), (since.elapsed(), s));
-                }
-                Ok(s) => {
-                    last.insert(w.clone(), format!("{s:?}"));
-                }
-                Err(e) => {
-                    last.insert(w.clone(), e.to_string());
-                }
-            }
-        }
-        moved.len() == addrs.len()
-    })
-    .await;
-    let late: Vec<String> = orphans
-        .keys()
-        .filter(|w| !moved.contains_key(*w))
-        .map(|w| {
-            format!(
-                "{w} (epoch before {}): {}",
-                orphans[w].epoch,
-                last.get(w).map_or("", |s| s)
-            )
+    let orphans: BTreeMap<String, Orphan> = orphans
+        .iter()
+        .map(|(w, s)| {
+            let orphan = Orphan {
+                addr: scene.addr(w),
+                epoch_before: s.epoch,
+            };
+            (w.clone(), orphan)
         })
         .collect();
+    let Moves { moved, late } =
+        moves::wait_moved(&mut scene.probe, left, &orphans, since, within).await;
     if !late.is_empty() {
         let logs: Vec<String> = left
             .iter()
@@ -504,7 +474,7 @@ async fn a_draining_head_refuses_new_workers_and_is_unready_but_alive_until_it_e
             t < Duration::from_secs(8),
             "{head} still runs {t:?} after Drain (drain timeout 3 s)"
         );
-        let show = |r: tether::localcluster::Result<ServingStatus>| match r {
+        let show = |r: tether_testkit::localcluster::Result<ServingStatus>| match r {
             Ok(s) => format!("{s:?}"),
             Err(e) => format!("error: {e}"),
         };

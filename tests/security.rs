@@ -13,10 +13,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tether::localcluster::{free_port, wait_until, Cluster, Probe};
 use tether::pb::head_service_client::HeadServiceClient;
 use tether::pb::worker_service_client::WorkerServiceClient;
 use tether::pb::{DrainRequest, ListWorkersRequest, ReassignRequest, StatusRequest, WorkerBeat};
+use tether_testkit::localcluster::{free_port, wait_until, Cluster, Probe};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -276,7 +276,7 @@ async fn workers_attach_over_tls_and_plaintext_clients_are_refused() {
 
     // Plaintext to a TLS port: refused, whatever the call.
     for addr in &heads {
-        let plain = tether::localcluster::channel(*addr);
+        let plain = tether_testkit::localcluster::channel(*addr);
         let listed = list(plain.clone(), None).await;
         let checked = health(plain, "").await;
         eprintln!("plaintext to TLS head {addr}: ListWorkers {listed:?}; health {checked:?}");
@@ -415,7 +415,7 @@ async fn the_bearer_token_guards_every_rpc_but_health() {
     }
     // Health needs no token: this is how probes see readiness.
     for h in cluster.heads() {
-        ok(tether::localcluster::wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
+        ok(tether_testkit::localcluster::wait_serving(h.addr, HEAD_SERVICE, START_TIMEOUT).await);
     }
     let mut wargs = WORKER_ARGS.to_vec();
     wargs.extend(["--auth-token-file", s(&token_file)]);
@@ -426,14 +426,14 @@ async fn the_bearer_token_guards_every_rpc_but_health() {
     let bearer = format!("Bearer {TOKEN}");
     let heads: Vec<Channel> = cluster
         .heads()
-        .map(|h| tether::localcluster::channel(h.addr))
+        .map(|h| tether_testkit::localcluster::channel(h.addr))
         .collect();
     wait_listed(&heads, Some(&bearer), &ids, START_TIMEOUT).await;
 
     let head = cluster.process("head-0").expect("a head").addr;
     let worker = cluster.process("worker-00").expect("a worker").addr;
-    let mut client = HeadServiceClient::new(tether::localcluster::channel(head));
-    let mut wclient = WorkerServiceClient::new(tether::localcluster::channel(worker));
+    let mut client = HeadServiceClient::new(tether_testkit::localcluster::channel(head));
+    let mut wclient = WorkerServiceClient::new(tether_testkit::localcluster::channel(worker));
     let wrong = format!("Bearer {}x", &TOKEN[..TOKEN.len() - 1]);
     for (what, auth) in [
         ("no token", None),
@@ -534,7 +534,7 @@ async fn the_bearer_token_guards_every_rpc_but_health() {
         ]));
         assert_eq!(
             intruder,
-            tether::localcluster::Reply::Integer(0),
+            tether_testkit::localcluster::Reply::Integer(0),
             "a refused Reassign left an assignment on {}",
             h.id
         );
@@ -652,7 +652,7 @@ impl PasswordRedis {
             .stdout(log.try_clone().expect("a log"))
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", tether::localcluster::REDIS_MISSING));
+            .unwrap_or_else(|e| panic!("{}: {e}", tether_testkit::localcluster::REDIS_MISSING));
         let redis = Self {
             child,
             port,
@@ -780,7 +780,8 @@ async fn a_redis_password_in_the_url_works_and_stays_out_of_the_logs() {
     let bins = binaries();
     let url = redis.url(Some(password));
     let head = Service::start(&bins.head, &dir, "head-pw", &url, HEAD_ARGS);
-    if let Err(e) = tether::localcluster::wait_serving(head.addr, HEAD_SERVICE, START_TIMEOUT).await
+    if let Err(e) =
+        tether_testkit::localcluster::wait_serving(head.addr, HEAD_SERVICE, START_TIMEOUT).await
     {
         panic!("{e}\nlog:\n{}", head.log_text());
     }

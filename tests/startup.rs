@@ -8,7 +8,7 @@ use common::*;
 use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
-use tether::localcluster::{free_port, run_to_exit, wait_serving, Reply};
+use tether_testkit::localcluster::{free_port, run_to_exit, wait_serving, Reply};
 
 /// The hint clap adds under its own errors; allowed next to the one line.
 const CLAP_HINT: &str = "For more information, try '--help'.";
@@ -118,7 +118,7 @@ fn redis_passwords_never_reach_the_error() {
 }
 
 /// The address a head's lease advertises, as Redis holds it.
-fn lease_addr(cluster: &tether::localcluster::Cluster, head: &str) -> Option<String> {
+fn lease_addr(cluster: &tether_testkit::localcluster::Cluster, head: &str) -> Option<String> {
     match ok(cluster
         .redis()
         .command(&["HGET", &format!("{{tether}}:head:{head}"), "addr"]))
@@ -167,7 +167,7 @@ async fn a_second_head_under_a_live_heads_id_exits_2_and_a_restart_after_a_crash
         Some(first.to_string().as_str()),
         "the first head's lease was rewritten"
     );
-    let health = tether::localcluster::health_check(first, HEAD_SERVICE).await;
+    let health = tether_testkit::localcluster::health_check(first, HEAD_SERVICE).await;
     assert!(
         matches!(
             health,

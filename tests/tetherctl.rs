@@ -10,8 +10,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tether::localcluster::{head_client, run_to_exit, send_signal, wait_until, Probe, Signal};
 use tether::pb::{ListWorkersRequest, WorkerInfo};
+use tether_testkit::localcluster::{
+    head_client, run_to_exit, send_signal, wait_until, Probe, Signal,
+};
 
 const TETHERCTL: &str = env!("CARGO_BIN_EXE_tetherctl");
 
@@ -68,7 +70,7 @@ async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
         ],
     ))
     .addr;
-    ok(tether::localcluster::wait_serving(head, HEAD_SERVICE, START_TIMEOUT).await);
+    ok(tether_testkit::localcluster::wait_serving(head, HEAD_SERVICE, START_TIMEOUT).await);
     let url = cluster.redis().url();
     let started = Instant::now();
     // Up to 5,000: the library's attach loop, one connection each. Above

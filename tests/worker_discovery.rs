@@ -8,8 +8,10 @@ mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
-use tether::localcluster::{head_client, run_to_exit, wait_serving, wait_until, Probe, Reply};
 use tether::pb::{HeadState, ListHeadsRequest};
+use tether_testkit::localcluster::{
+    head_client, run_to_exit, wait_serving, wait_until, Probe, Reply,
+};
 
 /// Bound on a worker re-attaching after its head died: the heartbeat
 /// timeout (600 ms) plus retries, generous for a loaded two-core machine.
@@ -39,7 +41,7 @@ fn worker_preferring(want: &str, heads: &[&str]) -> String {
 }
 
 /// Total commands Redis has processed so far.
-fn redis_commands(cluster: &tether::localcluster::Cluster) -> u64 {
+fn redis_commands(cluster: &tether_testkit::localcluster::Cluster) -> u64 {
     match ok(cluster.redis().command(&["INFO", "stats"])) {
         Reply::Bulk(Some(text)) => String::from_utf8_lossy(&text)
             .lines()
@@ -85,7 +87,7 @@ async fn list_heads_gives_each_worker_its_rendezvous_order_without_a_redis_comma
     // Ten connections of fifty calls, under the head's 64 concurrent
     // streams per connection.
     let channels: Vec<_> = (0..10)
-        .map(|_| tether::localcluster::channel(addr))
+        .map(|_| tether_testkit::localcluster::channel(addr))
         .collect();
     let calls = (0..500).map(|i| {
         let mut client =
@@ -248,7 +250,7 @@ async fn a_worker_learns_a_new_head_from_the_heads_version_and_fails_over_to_it(
 fn a_heads_entry_that_is_not_host_port_exits_2_with_one_line() {
     for bad in ["head-1", "http://head-1:7070", "head-1:x", "head-1:7070,:9"] {
         let out = ok(run_to_exit(
-            binaries().of(tether::localcluster::Role::Worker),
+            binaries().of(tether_testkit::localcluster::Role::Worker),
             &["--heads", bad],
             Duration::from_secs(10),
         ));
@@ -263,7 +265,7 @@ fn a_heads_entry_that_is_not_host_port_exits_2_with_one_line() {
 }
 
 /// Waits until the process log of `id` contains `text`.
-async fn wait_log(cluster: &tether::localcluster::Cluster, id: &str, text: &str) -> bool {
+async fn wait_log(cluster: &tether_testkit::localcluster::Cluster, id: &str, text: &str) -> bool {
     wait_until(START_TIMEOUT, Duration::from_millis(50), async || {
         std::fs::read_to_string(cluster.process(id).unwrap().log_path())
             .is_ok_and(|l| l.contains(text))
@@ -274,7 +276,10 @@ async fn wait_log(cluster: &tether::localcluster::Cluster, id: &str, text: &str)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_bootstrap_list_and_an_old_head_each_get_a_clear_line() {
     let mut cluster = cluster();
-    let nobody = format!("127.0.0.1:{}", ok(tether::localcluster::free_port()));
+    let nobody = format!(
+        "127.0.0.1:{}",
+        ok(tether_testkit::localcluster::free_port())
+    );
     let mut args = vec!["--heads", nobody.as_str()];
     args.extend(WORKER_ARGS);
     ok(cluster.spawn_worker("lonely", &args));

@@ -7,12 +7,12 @@
 //! hide a dead worker. Wall-clock milliseconds are derived only for the
 //! display fields of `ListWorkers`.
 
+use crate::metrics::METRICS;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::task::Waker;
 use std::time::Duration;
-use tether::metrics::METRICS;
 use tokio::time::Instant;
 
 /// Marks "no load reported" in [`Stream::load_bits`].
@@ -110,7 +110,7 @@ pub struct Stream {
     /// the worker got a newer epoch on another head.
     replaced: AtomicBool,
     /// A move the head asks of the worker, sent on the stream at once.
-    redirect: Mutex<Option<tether::pb::Redirect>>,
+    redirect: Mutex<Option<crate::pb::Redirect>>,
     /// Whether `redirect` holds one, so that the beat path need not lock.
     redirect_pending: AtomicBool,
     /// Wakes the stream's response body, which has no task of its own, to
@@ -131,7 +131,7 @@ impl Stream {
     }
 
     /// Asks the worker to move; the stream sends it at once.
-    pub fn redirect(&self, redirect: tether::pb::Redirect, now: Instant) {
+    pub fn redirect(&self, redirect: crate::pb::Redirect, now: Instant) {
         *self.redirect.lock().unwrap_or_else(|e| e.into_inner()) = Some(redirect);
         self.redirected.store(to_nanos(now), Ordering::Relaxed);
         self.redirect_pending.store(true, Ordering::Release);
@@ -139,7 +139,7 @@ impl Stream {
     }
 
     /// The pending redirect, if any, taken once.
-    pub fn take_redirect(&self) -> Option<tether::pb::Redirect> {
+    pub fn take_redirect(&self) -> Option<crate::pb::Redirect> {
         if !self.redirect_pending.swap(false, Ordering::Acquire) {
             return None;
         }
@@ -197,15 +197,15 @@ impl Stream {
     }
 
     /// The `WorkerInfo` that `ListWorkers` reports.
-    pub fn info(&self) -> tether::pb::WorkerInfo {
+    pub fn info(&self) -> crate::pb::WorkerInfo {
         let bits = self.load_bits.load(Ordering::Relaxed);
         // Display only: the wall clock now, less the monotonic age.
         let age = Instant::now().saturating_duration_since(self.last_beat());
-        tether::pb::WorkerInfo {
+        crate::pb::WorkerInfo {
             worker_id: self.worker_id.clone(),
             epoch: self.epoch,
             attached_since_ms: self.since_ms,
-            last_beat_ms: tether::registry::now_ms()
+            last_beat_ms: crate::registry::now_ms()
                 - i64::try_from(age.as_millis()).unwrap_or(i64::MAX),
             worker_addr: self.worker_addr.clone(),
             last_sequence: self.last_sequence.load(Ordering::Relaxed),
@@ -395,7 +395,7 @@ impl Attached {
     /// worker id sorts after `after` ("" for the start), ordered by worker
     /// id. Only the page is sorted and turned into `WorkerInfo`s, so a
     /// head with 20,000 workers spends O(n) per page, not O(n log n).
-    pub fn list(&self, after: &str, limit: usize) -> Vec<tether::pb::WorkerInfo> {
+    pub fn list(&self, after: &str, limit: usize) -> Vec<crate::pb::WorkerInfo> {
         let mut page: Vec<Arc<Stream>> = self
             .lock()
             .values()
@@ -464,7 +464,7 @@ mod tests {
         assert!(!s.silent_at(Instant::now(), timeout));
         // The display field follows the monotonic age, whatever since_ms.
         tokio::time::advance(Duration::from_millis(250)).await;
-        let age = tether::registry::now_ms() - s.info().last_beat_ms;
+        let age = crate::registry::now_ms() - s.info().last_beat_ms;
         assert!((250..1_000).contains(&age), "age {age} ms");
     }
 

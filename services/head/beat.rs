@@ -8,10 +8,10 @@
 //! streams its beats arrived up to the burst's length early or late; with
 //! 16,000 streams that was more than half an interval.
 
+use crate::shutdown::Shutdown;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tether::shutdown::Shutdown;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -102,7 +102,7 @@ mod tests {
 
     #[tokio::test]
     async fn phases_beat_in_turn_once_an_interval() {
-        let (_trigger, shutdown) = tether::shutdown::channel();
+        let (_trigger, shutdown) = crate::shutdown::channel();
         let beats = start(Duration::from_millis(160), shutdown);
         let mut phases: Vec<_> = (0..PHASES).map(|_| beats.next_phase()).collect();
         for round in 1..=2u64 {

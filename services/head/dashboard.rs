@@ -21,9 +21,16 @@
 //! constant time like the gRPC token. Everything is bounded: pages of
 //! workers, open event streams, concurrent `ListWorkers` calls.
 
-use crate::attached::Attached;
-use crate::heads_view::HeadsView;
-use crate::lease::LeaseState;
+use super::attached::Attached;
+use super::heads_view::HeadsView;
+use super::lease::LeaseState;
+use crate::events::Events;
+use crate::pb::head_service_client::HeadServiceClient;
+use crate::pb::{ClusterEvent, EventKind, ListWorkersRequest, WorkerInfo};
+use crate::placement;
+use crate::registry::now_ms;
+use crate::security::{ClientSecurity, Token};
+use crate::shutdown::Shutdown;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::middleware::{self, Next};
@@ -35,13 +42,6 @@ use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
-use tether::events::Events;
-use tether::pb::head_service_client::HeadServiceClient;
-use tether::pb::{ClusterEvent, EventKind, ListWorkersRequest, WorkerInfo};
-use tether::placement;
-use tether::registry::now_ms;
-use tether::security::{ClientSecurity, Token};
-use tether::shutdown::Shutdown;
 use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
@@ -230,7 +230,10 @@ async fn cluster_json(d: &Dashboard) -> Result<Value, String> {
         .await
         .map_err(|e| format!("head {} cannot read the heads: {e}", d.head_id))?;
     let heads = &snapshot.heads;
-    let ready = heads.iter().filter(|h| h.state == "ready").count() as u64;
+    let ready = heads
+        .iter()
+        .filter(|h| h.state == crate::pb::HeadState::Ready)
+        .count() as u64;
     let total: u64 = heads.iter().map(|h| h.assigned).sum();
     let bound = placement::load_bound(total, ready, d.slack_permille);
     let list: Vec<Value> = heads
@@ -241,7 +244,7 @@ async fn cluster_json(d: &Dashboard) -> Result<Value, String> {
                 "id": h.id,
                 "addr": h.addr,
                 "metrics_addr": h.metrics_addr,
-                "state": h.state,
+                "state": crate::registry::head_state_name(h.state),
                 "load": h.assigned,
                 "capacity": if own { d.capacity } else { h.capacity },
                 "started_ms": h.started_ms,

@@ -5,12 +5,12 @@
 //! Workers move make-before-break (new stream first, then they close this
 //! one), so a drained worker misses no beat.
 
-use crate::attached::Attached;
+use super::attached::Attached;
+use crate::pb::{Redirect, RedirectReason};
+use crate::placement;
+use crate::registry::{now_ms, HeadEntry, HeadState, Registry};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tether::pb::{Redirect, RedirectReason};
-use tether::placement;
-use tether::registry::{now_ms, HeadEntry, Registry};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -115,7 +115,7 @@ impl Handoff {
         let total: u64 = heads.iter().map(|h| h.assigned).sum();
         let targets: Vec<&HeadEntry> = heads
             .iter()
-            .filter(|h| h.state == "ready" && h.id != self.head_id)
+            .filter(|h| h.state == HeadState::Ready && h.id != self.head_id)
             .collect();
         let bound = placement::load_bound(total, targets.len() as u64, self.slack_permille);
         let ids: Vec<&str> = targets.iter().map(|h| h.id.as_str()).collect();

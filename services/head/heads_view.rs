@@ -5,11 +5,11 @@
 //! making their own, so ten thousand workers asking at once after a head
 //! died cost Redis one command, not ten thousand.
 
+use crate::pb::{HeadInfo, HeadState};
+use crate::placement;
+use crate::registry::{HeadEntry, Registry, RegistryError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tether::pb::{HeadInfo, HeadState};
-use tether::placement;
-use tether::registry::{HeadEntry, Registry, RegistryError};
 use tokio::sync::watch;
 
 /// One read of the registry's heads.
@@ -113,7 +113,10 @@ pub fn preference(
     slack_permille: u32,
     own: (&str, u64),
 ) -> Vec<HeadInfo> {
-    let ready: Vec<&HeadEntry> = heads.iter().filter(|h| h.state == "ready").collect();
+    let ready: Vec<&HeadEntry> = heads
+        .iter()
+        .filter(|h| h.state == HeadState::Ready)
+        .collect();
     let total: u64 = heads.iter().map(|h| h.assigned).sum();
     let bound = placement::load_bound(total + 1, ready.len() as u64, slack_permille);
     fn ordered<'a>(worker: &str, group: Vec<&'a HeadEntry>) -> Vec<&'a HeadEntry> {
@@ -128,20 +131,21 @@ pub fn preference(
     let (under, full): (Vec<&HeadEntry>, Vec<&HeadEntry>) = ready
         .into_iter()
         .partition(|h| h.assigned < bound && (h.capacity == 0 || h.assigned < h.capacity));
-    let stale = heads.iter().filter(|h| h.state == "stale").collect();
-    let draining = heads.iter().filter(|h| h.state == "draining").collect();
+    let stale = heads
+        .iter()
+        .filter(|h| h.state == HeadState::Stale)
+        .collect();
+    let draining = heads
+        .iter()
+        .filter(|h| h.state == HeadState::Draining)
+        .collect();
     [under, full, stale, draining]
         .into_iter()
         .flat_map(|group| ordered(worker, group))
         .map(|h| HeadInfo {
             head_id: h.id.clone(),
             addr: h.addr.clone(),
-            state: match h.state.as_str() {
-                "ready" => HeadState::Ready,
-                "draining" => HeadState::Draining,
-                "stale" => HeadState::Stale,
-                _ => HeadState::Unspecified,
-            } as i32,
+            state: h.state as i32,
             load: h.assigned,
             capacity: if h.id == own.0 { own.1 } else { h.capacity },
             metrics_addr: h.metrics_addr.clone(),
@@ -157,7 +161,7 @@ mod tests {
         HeadEntry {
             id: id.into(),
             addr: format!("{id}:1"),
-            state: state.into(),
+            state: crate::registry::head_state(state),
             assigned,
             started_ms: 0,
             capacity: 0,

@@ -8,15 +8,19 @@
 //! A spawned task and a channel per stream used to cost a third of the
 //! head's CPU at ten thousand workers, and a few KiB each.
 
-use crate::attached::Stream;
-use crate::beat::Tick;
-use crate::service::HeadSvc;
+use super::attached::Attached;
+use super::attached::Stream;
+use super::beat::Beats;
+use super::beat::Tick;
+use super::lease::LeaseState;
+use crate::events::Events;
+use crate::metrics::METRICS;
+use crate::pb::{EventKind, HeadBeat, WorkerBeat};
+use crate::registry::now_ms;
+use crate::registry::Registry;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tether::metrics::METRICS;
-use tether::pb::{EventKind, HeadBeat, WorkerBeat};
-use tether::registry::now_ms;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Status, Streaming};
 use tracing::{debug, warn};
@@ -59,9 +63,34 @@ impl Gone {
     }
 }
 
+/// What a beat stream needs of its head, and nothing more: its id and
+/// timeout, the table it leaves when it ends, whether the lease lets it
+/// beat, the beat timer, and where to release the assignment and announce
+/// the departure. Cheap to clone (one per stream).
+#[derive(Clone)]
+pub struct BeatContext {
+    /// This head's id, stamped on every beat.
+    pub head_id: Arc<str>,
+    /// Silence after which the worker counts as gone.
+    pub timeout: std::time::Duration,
+    /// The open streams; the stream removes itself when it ends.
+    pub attached: Arc<Attached>,
+    /// Whether the head may beat (held lease) and the heads version.
+    pub lease: Arc<LeaseState>,
+    /// The head's beat timer.
+    pub ticks: Beats,
+    /// Where the assignment is released when the worker goes away.
+    pub registry: Registry,
+    /// Where `WORKER_LEFT` is announced.
+    pub events: Events,
+    /// Tracks the release task a closing stream spawns, so that the
+    /// head's shutdown waits for it.
+    pub tasks: tokio_util::task::TaskTracker,
+}
+
 /// The response body of one `Heartbeat` stream.
 pub struct HeartbeatBody {
-    svc: HeadSvc,
+    svc: BeatContext,
     stream: Arc<Stream>,
     inbound: Streaming<WorkerBeat>,
     /// The phase of the beat timer this stream beats on; it ends when the
@@ -81,11 +110,11 @@ pub struct HeartbeatBody {
 
 impl HeartbeatBody {
     /// The body of the stream that `stream` records.
-    pub fn new(svc: HeadSvc, stream: Arc<Stream>, inbound: Streaming<WorkerBeat>) -> Self {
+    pub fn new(svc: BeatContext, stream: Arc<Stream>, inbound: Streaming<WorkerBeat>) -> Self {
         let mut phase = svc.ticks.next_phase();
         // Seen: the next change is the next tick, not this one.
         let tick = *phase.borrow_and_update();
-        let timeout = svc.cfg.timeout;
+        let timeout = svc.timeout;
         let mut body = Self {
             svc,
             stream,
@@ -102,7 +131,7 @@ impl HeartbeatBody {
 
     fn beat(&self) -> HeadBeat {
         HeadBeat {
-            head_id: self.svc.cfg.id.clone(),
+            head_id: self.svc.head_id.to_string(),
             sequence: self.tick.sequence,
             sent_at_ms: now_ms(),
             epoch: self.stream.epoch,
@@ -171,7 +200,7 @@ impl tokio_stream::Stream for HeartbeatBody {
                         warn!(worker = %this.stream.worker_id, "no WorkerBeat within the heartbeat timeout; closing its stream");
                         let status = Status::deadline_exceeded(format!(
                             "no WorkerBeat within {:?}",
-                            this.svc.cfg.timeout
+                            this.svc.timeout
                         ));
                         return this.finish(End::WorkerGone(Gone::Silent), Some(status));
                     }
@@ -185,7 +214,7 @@ impl tokio_stream::Stream for HeartbeatBody {
                 Poll::Ready(None) => {
                     let status = Status::unavailable(format!(
                         "head {} is shutting down; reassign to another head",
-                        this.svc.cfg.id
+                        this.svc.head_id
                     ));
                     return this.finish(End::HeadStopping, Some(status));
                 }
@@ -207,22 +236,23 @@ impl Drop for HeartbeatBody {
         let End::WorkerGone(gone) = end else {
             return;
         };
-        let detail = gone.detail(svc.cfg.timeout);
+        let detail = gone.detail(svc.timeout);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let (svc, s) = (svc.clone(), s.clone());
-        runtime.spawn(async move {
+        let tasks = svc.tasks.clone();
+        tasks.spawn_on(async move {
             // A worker that moved on (handoff) is not "left": only report
             // it when its assignment here was still current.
             match svc
                 .registry
-                .release(&svc.cfg.id, &s.worker_id, s.epoch)
+                .release(&svc.head_id, &s.worker_id, s.epoch)
                 .await
             {
                 Ok(true) => svc.events.emit(
                     EventKind::WorkerLeft,
-                    &svc.cfg.id,
+                    &svc.head_id,
                     &s.worker_id,
                     s.epoch,
                     "",
@@ -233,6 +263,6 @@ impl Drop for HeartbeatBody {
                     debug!(worker = %s.worker_id, error = %e, "could not release the assignment")
                 }
             }
-        });
+        }, &runtime);
     }
 }

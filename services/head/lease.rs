@@ -5,17 +5,18 @@
 //! lease is held and the head is not draining; liveness (`""`) is not
 //! touched here, so a Redis outage never gets every head restarted at once.
 
-use crate::attached::Attached;
+use super::attached::Attached;
+use crate::metrics::METRICS;
+use crate::pb::head_service_server::SERVICE_NAME;
+use crate::registry::{HeldStream, LeaseInfo, LeaseRefresh, LoadDigest, Registry, RegistryError};
+use crate::shutdown::Shutdown;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tether::metrics::METRICS;
-use tether::pb::head_service_server::HeadServiceServer;
-use tether::registry::{HeldStream, LeaseInfo, LeaseRefresh, LoadDigest, Registry, RegistryError};
-use tether::shutdown::Shutdown;
 use tokio::sync::watch;
 use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 /// What the rest of the head needs to know about its lease.
@@ -168,11 +169,11 @@ pub async fn publish_readiness(state: &LeaseState, health: &HealthReporter) {
     }
     if serving {
         health
-            .set_serving::<HeadServiceServer<crate::service::HeadSvc>>()
+            .set_service_status(SERVICE_NAME, ServingStatus::Serving)
             .await;
     } else {
         health
-            .set_not_serving::<HeadServiceServer<crate::service::HeadSvc>>()
+            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
             .await;
     }
 }
@@ -185,7 +186,7 @@ pub struct LeaseLoop {
     pub state: Arc<LeaseState>,
     pub attached: Arc<Attached>,
     pub health: HealthReporter,
-    pub events: tether::events::Events,
+    pub events: crate::events::Events,
 }
 
 impl LeaseLoop {
@@ -355,7 +356,7 @@ impl LeaseLoop {
                 for gone in &refresh.gone {
                     info!(head = %lease.head_id, %gone, "a head's lease expired; removed it from the registry");
                     events.emit(
-                        tether::pb::EventKind::HeadGone,
+                        crate::pb::EventKind::HeadGone,
                         gone,
                         "",
                         0,
@@ -384,7 +385,7 @@ impl LeaseLoop {
                     info!(head = %lease.head_id, addr = %lease.addr, ttl = ?lease.ttl, "registered in the registry");
                     if !refresh.existed {
                         events.emit(
-                            tether::pb::EventKind::HeadJoined,
+                            crate::pb::EventKind::HeadJoined,
                             &lease.head_id,
                             "",
                             0,

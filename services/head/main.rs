@@ -1,26 +1,24 @@
 //! `tether-head`: registers in Redis under a lease, adopts workers and
-//! streams heartbeats to them. This file only parses configuration and
-//! wires the process; the behaviour lives in the modules.
-
-mod attached;
-mod beat;
-mod dashboard;
-mod drain;
-mod heads_view;
-mod heartbeat;
-mod lease;
-mod rebalance;
-mod run;
-mod service;
+//! streams heartbeats to them. This file only parses flags into
+//! [`tether::head::HeadSettings`], binds, installs the signal handlers and
+//! calls the library (`tether::head`, the rest of this directory).
 
 /// mimalloc instead of glibc's malloc: during a failover, glibc's malloc
 /// and free took a sixth of all CPU, and with it a quiet head at 10,000
-/// workers uses about a sixth less (see docs/BENCHMARKS.md).
+/// workers uses about a sixth less (see docs/BENCHMARKS.md). Behind the
+/// default-on `mimalloc` feature, so that `--no-default-features` leaves
+/// the library (and this binary) on the system allocator.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::time::Duration;
-use tether::config::{parse_duration, parse_id, CommonArgs, Timing};
+use tether::config::{default_id, parse_duration, parse_id, CommonArgs};
+use tether::head::{Head, HeadError, HeadHandle, HeadSettings};
+use tether::registry::Registry;
+use tether::security::{ClientSecurity, ServerSecurity};
+use tether::shutdown::Signals;
+use tracing::{error, info, warn};
 
 /// A Tether head: workers attach to it and it beats to them.
 #[derive(Debug, clap::Parser)]
@@ -93,19 +91,26 @@ pub struct Args {
 }
 
 impl Args {
-    fn validate(&self) -> Result<(), String> {
-        Timing {
+    /// The library's settings, checked (every cross-field rule lives in
+    /// [`HeadSettings::validate`]).
+    fn settings(&self) -> Result<HeadSettings, String> {
+        HeadSettings {
+            id: self.id.clone().unwrap_or_else(|| default_id("head")),
+            advertise: self.advertise.clone(),
             heartbeat_interval: self.heartbeat_interval,
             heartbeat_timeout: self.heartbeat_timeout,
+            lease_ttl: self.lease_ttl,
+            drain_timeout: self.drain_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            balance_slack: self.balance_slack,
+            capacity: self.capacity,
+            rebalance_rate: self.rebalance_rate,
+            rebalance_cooldown: self.rebalance_cooldown,
+            max_connections: self.common.connection_bound(),
+            idle_connection_timeout: self.common.idle_connection_timeout,
         }
-        .validate()?;
-        tether::config::check_lease_ttl(self.lease_ttl, self.heartbeat_interval)?;
-        if let Some(a) = &self.advertise {
-            if a.len() > 256 || !a.contains(':') {
-                return Err(format!("--advertise {a:?} must be host:port"));
-            }
-        }
-        Ok(())
+        .validate()
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -127,11 +132,12 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 
 fn main() {
     let args: Args = tether::config::parse_args("tether-head");
-    let security = args
-        .validate()
-        .and_then(|()| args.common.registry.validate())
-        .and_then(|()| args.common.security.load());
-    let (server_security, client_security) = match security {
+    let checked = args.settings().and_then(|settings| {
+        args.common.registry.validate()?;
+        let security = args.common.security.load()?;
+        Ok((settings, security))
+    });
+    let (settings, (server_security, client_security)) = match checked {
         Ok(s) => s,
         Err(e) => {
             eprintln!("tether-head: invalid configuration: {e}");
@@ -146,6 +152,95 @@ fn main() {
             eprintln!("tether-head: cannot start the runtime: {e}");
             std::process::exit(1);
         });
-    let code = runtime.block_on(run::run(args, server_security, client_security));
+    let code = runtime.block_on(run(args, settings, server_security, client_security));
     std::process::exit(code);
+}
+
+/// Binds, starts the head and handles signals; returns the exit code.
+async fn run(
+    args: Args,
+    settings: HeadSettings,
+    server_security: ServerSecurity,
+    client_security: ClientSecurity,
+) -> i32 {
+    // Listening from the start: a SIGTERM right after a `Drain` call must
+    // be counted, not lost between two waits.
+    let mut signals = match Signals::listen() {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install the signal handlers");
+            return 1;
+        }
+    };
+    let listeners = match tether::server::bind(args.listen, args.common.metrics_listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!("{e}");
+            return 1;
+        }
+    };
+    let registry = match Registry::new(
+        &args.common.registry.redis_url,
+        &args.common.registry.namespace,
+        16,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot set up the registry");
+            return 2;
+        }
+    };
+    let id = settings.id.clone();
+    let mut builder = Head::builder(settings)
+        .registry(registry)
+        .security(server_security)
+        .client_security(client_security);
+    if let Some(metrics) = listeners.metrics {
+        builder = builder.metrics(metrics);
+    }
+    let head = match builder.build() {
+        Ok(h) => h,
+        Err(e) => {
+            error!(error = %e, "cannot set up the head");
+            return 2;
+        }
+    };
+    // The first signal begins the drain; one that arrives while a drain
+    // that a `Drain` call began runs (Kubernetes: a preStop hook calls
+    // Drain, then the kubelet sends SIGTERM) is tolerated too, and must not
+    // cut the handoff short. Only the signal after that exits at once.
+    let handle: HeadHandle = head.handle();
+    let signal_id = id.clone();
+    let second_signal = async move {
+        let s = signals.next().await;
+        if handle.draining() {
+            info!(head = %signal_id, signal = ?s, "signal during a drain begun by a Drain call; the drain goes on (another signal exits at once)");
+        } else {
+            info!(head = %signal_id, signal = ?s, "draining on signal");
+            handle.drain();
+        }
+        signals.next().await
+    };
+    tokio::select! {
+        r = head.serve(listeners.grpc, std::future::pending()) => exit_code(r),
+        s = second_signal => {
+            warn!(head = %id, signal = ?s, "second signal; exiting at once");
+            1
+        }
+    }
+}
+
+/// The exit code of a head that stopped: 0 after a clean exit, 2 for what
+/// a restart cannot fix (bad set-up, the id in use), 1 otherwise.
+fn exit_code(r: Result<(), HeadError>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e @ (HeadError::Setup(_) | HeadError::Settings(_))) => {
+            error!(error = %e, "cannot start");
+            2
+        }
+        // Logged where it was found.
+        Err(HeadError::IdInUse(_)) => 2,
+        Err(_) => 1,
+    }
 }

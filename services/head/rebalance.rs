@@ -37,23 +37,32 @@
 //! Expired heads are announced (`HEAD_GONE`) by the lease loop of the
 //! head whose sweep removed them, not by this loop.
 
-use crate::attached::{Attached, Stream};
-use crate::lease::LeaseState;
+use super::attached::{Attached, Stream};
+use super::lease::LeaseState;
+use crate::pb::{Redirect, RedirectReason};
+use crate::placement;
+use crate::registry::{HeadEntry, HeadState, LoadDigest, Registry};
+use crate::shutdown::Shutdown;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tether::pb::{Redirect, RedirectReason};
-use tether::placement;
-use tether::registry::{HeadEntry, LoadDigest, Registry};
-use tether::shutdown::Shutdown;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 /// How long after a head joins it counts as new, i.e. a rebalance target.
 const NEW_HEAD_WINDOW: Duration = Duration::from_secs(60);
 
-/// What the loop remembers of a head: joined at, last seen, started ms.
-type Known = (Option<Instant>, Instant, i64);
+/// What the loop remembers of a head between two reads.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    /// When this head saw it join (or restart); `None` for heads present
+    /// at this head's first read, which already hold their share.
+    joined: Option<Instant>,
+    /// When a read last listed it.
+    seen: Instant,
+    /// Its process start (Unix ms): a change means it restarted.
+    started_ms: i64,
+}
 
 /// The rebalance loop's inputs.
 pub struct Rebalance {
@@ -104,7 +113,7 @@ impl Rebalance {
                 Ok(()) = loads.changed() => {
                     let digest = *loads.borrow_and_update();
                     if let Some((_, d)) = digest {
-                        tether::metrics::METRICS.heads_live.set(d.live as i64);
+                        crate::metrics::METRICS.heads_live.set(d.live as i64);
                     }
                     let due = previous.is_none_or(|p| p.elapsed() >= digest_every);
                     if !(due && digest.is_some_and(|(mine, d)| self.digest_unbalanced(mine, d))) {
@@ -127,32 +136,51 @@ impl Rebalance {
                     continue;
                 }
             };
-            tether::metrics::METRICS.heads_live.set(heads.len() as i64);
+            crate::metrics::METRICS.heads_live.set(heads.len() as i64);
             let now = Instant::now();
             let known = known.get_or_insert_with(|| {
                 heads
                     .iter()
-                    .map(|h| (h.id.clone(), (None, now, h.started_ms)))
+                    .map(|h| {
+                        let k = Known {
+                            joined: None,
+                            seen: now,
+                            started_ms: h.started_ms,
+                        };
+                        (h.id.clone(), k)
+                    })
                     .collect()
             });
             for h in &heads {
                 match known.get_mut(&h.id) {
-                    Some(k) if k.2 == h.started_ms => k.1 = now,
+                    Some(k) if k.started_ms == h.started_ms => k.seen = now,
                     Some(k) => {
                         info!(head = %self.head_id, restarted = %h.id, "a head restarted; rebalancing its share to it");
-                        *k = (Some(now), now, h.started_ms);
+                        *k = Known {
+                            joined: Some(now),
+                            seen: now,
+                            started_ms: h.started_ms,
+                        };
                     }
                     None => {
                         info!(head = %self.head_id, joined = %h.id, "a head joined; rebalancing its share to it");
-                        known.insert(h.id.clone(), (Some(now), now, h.started_ms));
+                        let k = Known {
+                            joined: Some(now),
+                            seen: now,
+                            started_ms: h.started_ms,
+                        };
+                        known.insert(h.id.clone(), k);
                     }
                 }
             }
             let since_last_read = previous.map_or(Duration::ZERO, |p| now.duration_since(p));
             previous = Some(now);
-            known.retain(|_, (_, seen, _)| now.duration_since(*seen) < NEW_HEAD_WINDOW);
-            let ready: Vec<&HeadEntry> = heads.iter().filter(|h| h.state == "ready").collect();
-            let is_new = |id: &str| matches!(known.get(id), Some((Some(t), _, _)) if now.duration_since(*t) < NEW_HEAD_WINDOW);
+            known.retain(|_, k| now.duration_since(k.seen) < NEW_HEAD_WINDOW);
+            let ready: Vec<&HeadEntry> = heads
+                .iter()
+                .filter(|h| h.state == HeadState::Ready)
+                .collect();
+            let is_new = |id: &str| matches!(known.get(id), Some(Known { joined: Some(t), .. }) if now.duration_since(*t) < NEW_HEAD_WINDOW);
             let scale_up = ready.iter().any(|h| is_new(&h.id));
             let plan = balance_plan(&heads, &self.head_id, self.slack_permille, giving);
             giving = !plan.is_empty();
@@ -185,7 +213,7 @@ impl Rebalance {
                     // first choice would be a move for nothing. This head
                     // notices a join within an interval (the heads version
                     // of its next refresh); two leave a margin.
-                    let joined = known.get(&top.id).and_then(|k| k.0).unwrap_or(now);
+                    let joined = known.get(&top.id).and_then(|k| k.joined).unwrap_or(now);
                     if stream.since + self.interval * 2 > joined {
                         continue;
                     }
@@ -346,7 +374,7 @@ pub fn balance_plan(
 ) -> Vec<(usize, u64)> {
     let total: u64 = heads.iter().map(|h| h.assigned).sum();
     let mut ready: Vec<usize> = (0..heads.len())
-        .filter(|i| heads[*i].state == "ready")
+        .filter(|i| heads[*i].state == HeadState::Ready)
         .collect();
     let count = ready.len() as u64;
     if count < 2 {
@@ -399,7 +427,7 @@ mod tests {
         HeadEntry {
             id: id.into(),
             addr: format!("{id}:1"),
-            state: state.into(),
+            state: crate::registry::head_state(state),
             assigned,
             started_ms: 1,
             capacity: 0,

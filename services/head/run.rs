@@ -1,53 +1,50 @@
 //! Wires a head together and runs it until told to go, then leaves in an
 //! order that loses no worker: drain (redirect every worker, wait until
 //! they left), refuse new work, leave the registry, close the streams,
-//! stop the server; all bounded in time. A second signal exits at once;
-//! a first signal during a drain that a `Drain` call began does not.
+//! stop the server; all bounded in time. The caller decides what "told to
+//! go" means (tether-head: SIGTERM/SIGINT; a second signal exits at once,
+//! which the binary does by dropping this future).
 
-use crate::attached::Attached;
-use crate::dashboard::Dashboard;
-use crate::drain::{Drain, Handoff};
-use crate::lease::{LeaseEnd, LeaseLoop, LeaseState};
-use crate::rebalance::Rebalance;
-use crate::service::{HeadConfig, HeadSvc};
-use crate::Args;
+use super::attached::Attached;
+use super::dashboard::Dashboard;
+use super::drain::Handoff;
+use super::lease::{LeaseEnd, LeaseLoop, LeaseState};
+use super::rebalance::Rebalance;
+use super::service::{HeadConfig, HeadSvc};
+use super::{Head, HeadError};
+use crate::config::{advertise_addr, metrics_advertise_addr};
+use crate::pb::head_service_server::HeadServiceServer;
+use crate::pb::EventKind;
+use crate::registry::{now_ms, LeaseInfo};
+use crate::server::TetherRouter as Router;
+use crate::server::{self, MAX_MESSAGE_BYTES};
+use crate::shutdown;
+use std::future::Future;
 use std::sync::Arc;
-use tether::config::{advertise_addr, default_id, metrics_advertise_addr};
-use tether::pb::head_service_server::HeadServiceServer;
-use tether::pb::EventKind;
-use tether::registry::{now_ms, LeaseInfo, Registry};
-use tether::security::{ClientSecurity, ServerSecurity};
-use tether::server::{self, MAX_MESSAGE_BYTES};
-use tether::shutdown;
+use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
-/// Runs the head; returns the process exit code.
-pub async fn run(
-    args: Args,
-    server_security: ServerSecurity,
-    client_security: ClientSecurity,
-) -> i32 {
-    // Listening from the start: a SIGTERM right after a `Drain` call must
-    // be counted, not lost between two waits.
-    let mut signals = match shutdown::Signals::listen() {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "cannot install the signal handlers");
-            return 1;
-        }
-    };
-    let server::Listeners {
-        grpc: listener,
-        bound,
+/// Runs the head on `listener` (its gRPC router extended by `extend`)
+/// until `shutdown` completes or a `Drain` call begins a drain, then
+/// leaves.
+pub(super) async fn run(
+    head: Head,
+    listener: TcpListener,
+    extend: impl FnOnce(Router) -> Router,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), HeadError> {
+    let Head {
+        settings: args,
+        registry,
+        security: server_security,
+        client: client_security,
         metrics: metrics_listener,
-    } = match server::bind(args.listen, args.common.metrics_listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            error!("{e}");
-            return 1;
-        }
-    };
+        drain,
+    } = head;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| HeadError::Setup(format!("the listener has no address: {e}")))?;
     let (advertise, guessed) = advertise_addr(args.advertise.as_deref(), bound);
     if guessed {
         warn!(%advertise, "listening on a wildcard address without --advertise; workers on other machines cannot reach {advertise}");
@@ -55,24 +52,15 @@ pub async fn run(
     let metrics_addr = match metrics_listener.as_ref().map(|l| l.local_addr()) {
         Some(Ok(bound)) => metrics_advertise_addr(&advertise, bound),
         Some(Err(e)) => {
-            error!(error = %e, "cannot read the metrics port's address");
-            return 1;
+            return Err(HeadError::Setup(format!(
+                "the metrics listener has no address: {e}"
+            )))
         }
         None => String::new(),
     };
-    let id = args.id.clone().unwrap_or_else(|| default_id("head"));
-    let registry = match Registry::new(
-        &args.common.registry.redis_url,
-        &args.common.registry.namespace,
-        16,
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            error!(error = %e, "cannot set up the registry");
-            return 2;
-        }
-    };
+    let id = args.id.clone();
     let slack_permille = (args.balance_slack * 1000.0).round() as u32;
+    let tasks = tokio_util::task::TaskTracker::new();
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_not_serving::<HeadServiceServer<HeadSvc>>().await;
@@ -83,12 +71,11 @@ pub async fn run(
     let (stopping_trigger, stopping) = shutdown::channel();
     let (closing_trigger, closing) = shutdown::channel();
 
-    let ticks = crate::beat::start(args.heartbeat_interval, closing.clone());
+    let ticks = super::beat::start(args.heartbeat_interval, closing.clone());
     let closing_for_metrics = closing.clone();
     let lease_state = Arc::new(LeaseState::default());
     let attached = Arc::new(Attached::default());
-    let drain = Arc::new(Drain::new(args.drain_timeout));
-    let events = tether::events::Events::start(registry.clone(), closing.clone());
+    let events = crate::events::Events::start(registry.clone(), closing.clone());
     let lease_loop = Arc::new(LeaseLoop {
         events: events.clone(),
         registry: registry.clone(),
@@ -97,7 +84,7 @@ pub async fn run(
             addr: advertise.clone(),
             ttl: args.lease_ttl,
             started_ms: now_ms(),
-            instance: tether::attach::new_instance(),
+            instance: crate::attach::new_instance(),
             capacity: args.capacity,
             metrics_addr: metrics_addr.clone(),
         },
@@ -109,9 +96,9 @@ pub async fn run(
     let mut lease_task = {
         let lease_loop = lease_loop.clone();
         let stopping = stopping.clone();
-        tokio::spawn(async move { lease_loop.run(stopping).await })
+        tasks.spawn(async move { lease_loop.run(stopping).await })
     };
-    let rebalance_task = tokio::spawn(
+    let rebalance_task = tasks.spawn(
         Rebalance {
             head_id: id.clone(),
             registry: registry.clone(),
@@ -126,7 +113,7 @@ pub async fn run(
         .run(stopping.clone()),
     );
 
-    let heads_view = Arc::new(crate::heads_view::HeadsView::new(
+    let heads_view = Arc::new(super::heads_view::HeadsView::new(
         registry.clone(),
         lease_state.heads_changes(),
         args.lease_ttl,
@@ -149,31 +136,24 @@ pub async fn run(
         closing,
         events: events.clone(),
         heads: heads_view.clone(),
+        tasks: tasks.clone(),
     };
     let head_service = HeadServiceServer::new(svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let router = match server::router(
+    let router = server::router(
         health_svc,
         &server_security,
-        tether::pb::head_service_server::SERVICE_NAME,
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            error!(error = %e, "cannot set up the gRPC server");
-            return 2;
-        }
-    };
+        crate::pb::head_service_server::SERVICE_NAME,
+    )
+    .map_err(|e| HeadError::Setup(format!("cannot set up the gRPC server: {e}")))?;
+    let router = extend(router);
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server_task = tokio::spawn(
         router
             .add_service(head_service)
             .serve_with_incoming_shutdown(
-                server::incoming(
-                    listener,
-                    args.common.connection_bound(),
-                    args.common.idle_connection_timeout,
-                ),
+                server::incoming(listener, args.max_connections, args.idle_connection_timeout),
                 async {
                     let _ = server_stopped.await;
                 },
@@ -197,41 +177,40 @@ pub async fn run(
             proxied,
             closing: closing_for_metrics.clone(),
         };
-        let routes = tether::metrics::routes(tether::metrics::Role::Head)
-            .merge(crate::dashboard::routes(Arc::new(dashboard)));
-        tokio::spawn(tether::metrics::serve(l, routes, closing_for_metrics));
+        let routes = crate::metrics::routes(crate::metrics::Role::Head)
+            .merge(super::dashboard::routes(Arc::new(dashboard)));
+        tasks.spawn(crate::metrics::serve(l, routes, closing_for_metrics));
         info!(head = %id, dashboard = %format!("http://{metrics_addr}/"), "dashboard and metrics serving");
     }
+    let _abort = AbortOnDrop(vec![
+        server_task.abort_handle(),
+        lease_task.abort_handle(),
+        rebalance_task.abort_handle(),
+    ]);
     info!(head = %id, listen = %bound, %advertise, "head serving");
 
-    // A signal that begins the drain is the first; one that arrives while
-    // a `Drain` call's drain runs (Kubernetes: a preStop hook calls Drain,
-    // then the kubelet sends SIGTERM) is the first too, and must not cut
-    // the handoff short. Only the signal after that exits at once.
-    let mut first_signal = false;
     tokio::select! {
-        s = signals.next() => {
-            info!(head = %id, signal = ?s, workers = attached.len(), "draining on signal");
+        _ = shutdown => {
+            info!(head = %id, workers = attached.len(), "draining: asked to shut down");
             drain.begin();
-            first_signal = true;
         }
         _ = drain.wait_begun() => {}
         r = &mut server_task => {
             error!(result = ?r, "the gRPC server stopped on its own");
-            return 1;
+            return Err(HeadError::ServerStopped(format!("{r:?}")));
         }
         r = &mut lease_task => {
             // Liveness reports the loss so an orchestrator restarts us.
             health.set_service_status("", ServingStatus::NotServing).await;
-            return match r {
+            return Err(match r {
                 // Both were logged, in one line, where they were found.
-                Ok(LeaseEnd::IdInUse { .. }) => 2,
-                Ok(LeaseEnd::Displaced { .. }) => 1,
+                Ok(LeaseEnd::IdInUse { .. }) => HeadError::IdInUse(id),
+                Ok(LeaseEnd::Displaced { .. }) => HeadError::Displaced(id),
                 r => {
                     error!(result = ?r, "the lease loop stopped on its own");
-                    1
+                    HeadError::LeaseLoopStopped(format!("{r:?}"))
                 }
-            };
+            });
         }
     }
 
@@ -273,21 +252,25 @@ pub async fn run(
         closing_trigger.trigger();
         let _ = stop_server.send(());
         let _ = tokio::time::timeout(args.shutdown_timeout, server_task).await;
+        // The tasks still running (metrics, releases of closed streams):
+        // ended by `closing`, or soon; bounded all the same.
+        tasks.close();
+        let _ = tokio::time::timeout(args.shutdown_timeout, tasks.wait()).await;
     };
-    let second_signal = async {
-        if !first_signal {
-            let s = signals.next().await;
-            info!(head = %id, signal = ?s, workers = attached.len(), "signal during a drain begun by a Drain call; the drain goes on (another signal exits at once)");
-        }
-        signals.next().await
-    };
-    tokio::select! {
-        _ = leave => {}
-        s = second_signal => {
-            warn!(head = %id, signal = ?s, "second signal; exiting at once");
-            return 1;
+    leave.await;
+    info!(head = %id, "stopped");
+    Ok(())
+}
+
+/// Aborts the head's tasks when [`run`] is dropped before it finished (its
+/// caller gave up on the head): then nothing of it keeps serving, as when
+/// the process exits.
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
         }
     }
-    info!(head = %id, "stopped");
-    0
 }

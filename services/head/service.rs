@@ -3,25 +3,25 @@
 //!
 //! Each open stream is a [`HeartbeatBody`], which has no task of its own.
 
-use crate::attached::{Admission, Adoption, Attached, NewStream, Secret};
-use crate::drain::Drain;
-use crate::heads_view::{self, HeadsView};
-use crate::heartbeat::HeartbeatBody;
-use crate::lease::LeaseState;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
-use tether::config::validate_id;
-use tether::events::Events;
-use tether::metrics::METRICS;
-use tether::pb::head_service_server::HeadService;
-use tether::pb::{
+use super::attached::{Admission, Adoption, Attached, NewStream, Secret};
+use super::drain::Drain;
+use super::heads_view::{self, HeadsView};
+use super::heartbeat::{BeatContext, HeartbeatBody};
+use super::lease::LeaseState;
+use crate::config::validate_id;
+use crate::events::Events;
+use crate::metrics::METRICS;
+use crate::pb::head_service_server::HeadService;
+use crate::pb::{
     ClusterEvent, DrainRequest, DrainResponse, EventKind, HeadBeat, ListHeadsRequest,
     ListHeadsResponse, ListWorkersRequest, ListWorkersResponse, ReassignReason, ReassignRequest,
     ReassignResponse, WatchEventsRequest, WorkerBeat,
 };
-use tether::registry::{now_ms, AssignRequest, Claim, Registry, RegistryError};
-use tether::shutdown::Shutdown;
+use crate::registry::{now_ms, AssignRequest, Claim, Registry, RegistryError};
+use crate::shutdown::Shutdown;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -72,7 +72,7 @@ pub struct HeadSvc {
     /// The drain switch, thrown by the `Drain` RPC.
     pub drain: Arc<Drain>,
     /// The head's beat timer; each stream beats on one of its phases.
-    pub ticks: crate::beat::Beats,
+    pub ticks: super::beat::Beats,
     /// Triggered first at shutdown: refuse new workers and streams.
     pub stopping: Shutdown,
     /// Triggered once the head left the registry: end every stream.
@@ -81,9 +81,25 @@ pub struct HeadSvc {
     pub events: Events,
     /// The live heads as last read, for `ListHeads`.
     pub heads: Arc<HeadsView>,
+    /// The tasks this service spawns (releases of closed streams).
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl HeadSvc {
+    /// What one beat stream needs of this head.
+    fn beat_context(&self) -> BeatContext {
+        BeatContext {
+            head_id: Arc::from(self.cfg.id.as_str()),
+            timeout: self.cfg.timeout,
+            attached: self.attached.clone(),
+            lease: self.lease.clone(),
+            ticks: self.ticks.clone(),
+            registry: self.registry.clone(),
+            events: self.events.clone(),
+            tasks: self.tasks.clone(),
+        }
+    }
+
     fn refuse_if_stopping(&self) -> Result<(), Status> {
         if self.stopping.is_triggered() {
             return Err(Status::unavailable(format!(
@@ -126,11 +142,11 @@ fn validate_reassign(req: &ReassignRequest) -> Result<(), Status> {
             req.worker_addr.len()
         )));
     }
-    if req.previous_head_id.len() > tether::config::MAX_ID_LEN {
+    if req.previous_head_id.len() > crate::config::MAX_ID_LEN {
         return Err(Status::invalid_argument(format!(
             "previous_head_id is {} bytes long; the limit is {}",
             req.previous_head_id.len(),
-            tether::config::MAX_ID_LEN
+            crate::config::MAX_ID_LEN
         )));
     }
     if req.instance.len() > MAX_INSTANCE_LEN
@@ -331,7 +347,7 @@ impl HeadService for HeadSvc {
         );
 
         Ok(Response::new(
-            Box::pin(HeartbeatBody::new(self.clone(), stream, inbound)) as BeatStream,
+            Box::pin(HeartbeatBody::new(self.beat_context(), stream, inbound)) as BeatStream,
         ))
     }
 
@@ -339,11 +355,10 @@ impl HeadService for HeadSvc {
         &self,
         request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
-        let (workers, next_page_token) =
-            tether::listing::page(request.get_ref(), |after, limit| {
-                self.attached.list(after, limit)
-            })
-            .map_err(Status::invalid_argument)?;
+        let (workers, next_page_token) = crate::listing::page(request.get_ref(), |after, limit| {
+            self.attached.list(after, limit)
+        })
+        .map_err(Status::invalid_argument)?;
         Ok(Response::new(ListWorkersResponse {
             head_id: self.cfg.id.clone(),
             workers,
@@ -439,7 +454,7 @@ impl HeadService for HeadSvc {
 fn refusal(limit: &'static str, message: String) -> Status {
     let mut metadata = tonic::metadata::MetadataMap::new();
     metadata.insert(
-        tether::attach::REFUSAL_KEY,
+        crate::attach::REFUSAL_KEY,
         tonic::metadata::MetadataValue::from_static(limit),
     );
     Status::with_metadata(tonic::Code::ResourceExhausted, message, metadata)

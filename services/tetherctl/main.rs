@@ -18,7 +18,7 @@ use tether::backoff::Backoff;
 use tether::config::RegistryArgs;
 use tether::pb::head_service_client::HeadServiceClient;
 use tether::pb::{ClusterEvent, DrainRequest, EventKind, WatchEventsRequest, WorkerInfo};
-use tether::registry::{now_ms, HeadEntry, Registry};
+use tether::registry::{now_ms, HeadEntry, HeadState, Registry};
 use tether::security::{ClientSecurity, ClientSecurityArgs};
 use tonic::transport::Channel;
 use tonic::Streaming;
@@ -206,7 +206,11 @@ impl Ctl {
             };
             println!(
                 "{:<24} {:<22} {:<9} {:>8} {:>8}  {ages}",
-                head.id, head.addr, head.state, head.assigned, streams
+                head.id,
+                head.addr,
+                tether::registry::head_state_name(head.state),
+                head.assigned,
+                streams
             );
             listings.push((head.id.clone(), listing));
         }
@@ -542,9 +546,9 @@ impl Failed {
             .filter(|h| Some(h.id.as_str()) != exclude && (with_failed || !self.recent(h)))
             .collect();
         order.sort_by_key(|h| {
-            let state = match h.state.as_str() {
-                "ready" => 0,
-                "draining" => 1,
+            let state = match h.state {
+                HeadState::Ready => 0,
+                HeadState::Draining => 1,
                 _ => 2,
             };
             (self.recent(h), Some(h.id.as_str()) != prefer, state)

@@ -80,6 +80,30 @@ pub enum RegistryError {
 /// A result of a registry call.
 pub type Result<T> = std::result::Result<T, RegistryError>;
 
+pub use crate::pb::HeadState;
+
+/// The state of a head as the `LIVE_HEADS` script spells it; anything
+/// else (a newer head's word) is `Unspecified`, which no caller treats as
+/// ready.
+pub fn head_state(text: &str) -> HeadState {
+    match text {
+        "ready" => HeadState::Ready,
+        "draining" => HeadState::Draining,
+        "stale" => HeadState::Stale,
+        _ => HeadState::Unspecified,
+    }
+}
+
+/// The word for `state` in Redis and in what tetherctl prints.
+pub fn head_state_name(state: HeadState) -> &'static str {
+    match state {
+        HeadState::Ready => "ready",
+        HeadState::Draining => "draining",
+        HeadState::Stale => "stale",
+        HeadState::Unspecified => "unknown",
+    }
+}
+
 /// A live head as the registry sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeadEntry {
@@ -87,9 +111,10 @@ pub struct HeadEntry {
     pub id: String,
     /// The address workers dial.
     pub addr: String,
-    /// `ready`; `draining`; or `stale`: its lease has run down past half,
-    /// so it is probably gone (tried last, not counted as live).
-    pub state: String,
+    /// `Ready`; `Draining`; or `Stale`: its lease has run down past half,
+    /// so it is probably gone (tried last, not counted as live). Redis
+    /// holds it as `ready` / `draining` / `stale` ([`head_state`]).
+    pub state: HeadState,
     /// How many workers Redis counts as assigned to it.
     pub assigned: u64,
     /// When the head process started (Unix ms): a restart changes it, a
@@ -520,7 +545,7 @@ impl Registry {
             heads.push(HeadEntry {
                 id: text(&chunk[0])?,
                 addr: text(&chunk[1])?,
-                state: text(&chunk[2])?,
+                state: head_state(&text(&chunk[2])?),
                 assigned: number(&chunk[3])?,
                 started_ms: text(&chunk[4])?.parse().unwrap_or(0),
                 capacity: text(&chunk[5])?.parse().unwrap_or(0),

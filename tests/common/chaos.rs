@@ -7,10 +7,10 @@ use super::{Member, View};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tether::localcluster::{self, wait_until, Cluster, Probe, Reply};
 use tether::pb::head_service_client::HeadServiceClient;
 use tether::pb::worker_service_client::WorkerServiceClient;
 use tether::pb::{StatusRequest, WorkerStatus};
+use tether_testkit::localcluster::{self, wait_until, Cluster, Probe, Reply};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 

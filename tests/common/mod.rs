@@ -1,5 +1,5 @@
 //! What the integration test files share on top of
-//! `tether::localcluster`: where the binaries are, the short timings that
+//! `tether_testkit::localcluster`: where the binaries are, the short timings that
 //! keep the suite fast, and a whole-cluster view that checks the one
 //! invariant every test cares about: each worker is attached to exactly
 //! one head, and that head and the worker agree on the epoch.
@@ -13,35 +13,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tether::localcluster::{wait_serving, wait_until, Binaries, Cluster, Probe};
 use tether::pb::{ListWorkersResponse, WorkerStatus};
+use tether_testkit::localcluster::{wait_serving, wait_until, Binaries, Cluster, Probe};
 
-/// Head timings for tests: beats every 200 ms, a peer is gone after
-/// 600 ms of silence, a crashed head leaves the registry after 1 s.
-pub const HEAD_ARGS: &[&str] = &[
-    "--heartbeat-interval",
-    "200ms",
-    "--heartbeat-timeout",
-    "600ms",
-    "--lease-ttl",
-    "1s",
-    "--shutdown-timeout",
-    "2s",
-];
-
-/// Worker settings for tests: quick to give up on a dead head and quick
-/// to retry when no head is there.
-pub const WORKER_ARGS: &[&str] = &["--connect-timeout", "500ms", "--max-backoff", "500ms"];
-
-/// Bound on a process starting: generous, a debug build on a loaded
-/// two-core machine can be slow.
-pub const START_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The readiness entry of a head in health.
-pub const HEAD_SERVICE: &str = "tether.v1.HeadService";
-
-/// The readiness entry of a worker in health.
-pub const WORKER_SERVICE: &str = "tether.v1.WorkerService";
+#[allow(unused_imports)] // each test file uses some of them
+pub use tether_testkit::timings::{
+    HEAD_ARGS, HEAD_SERVICE, START_TIMEOUT, WORKER_ARGS, WORKER_SERVICE,
+};
 
 /// The binaries Cargo built for this test run.
 pub fn binaries() -> Binaries {
@@ -53,7 +31,7 @@ pub fn binaries() -> Binaries {
 
 /// Panics with the error's message (not its `Debug` form), so that a
 /// missing `redis-server` fails with the command that fixes it.
-pub fn ok<T>(r: tether::localcluster::Result<T>) -> T {
+pub fn ok<T>(r: tether_testkit::localcluster::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -133,8 +111,8 @@ pub struct Member {
     pub addr: SocketAddr,
 }
 
-impl From<&tether::localcluster::Process> for Member {
-    fn from(p: &tether::localcluster::Process) -> Self {
+impl From<&tether_testkit::localcluster::Process> for Member {
+    fn from(p: &tether_testkit::localcluster::Process) -> Self {
         Self {
             id: p.id.clone(),
             addr: p.addr,
@@ -385,9 +363,11 @@ impl Fleet {
 
 /// Redis's count of calls per command so far (`INFO commandstats`,
 /// commands inside scripts included), without `info` itself.
-pub fn command_calls(redis: &tether::localcluster::RedisServer) -> BTreeMap<String, u64> {
+pub fn command_calls(redis: &tether_testkit::localcluster::RedisServer) -> BTreeMap<String, u64> {
     let text = match ok(redis.command(&["INFO", "commandstats"])) {
-        tether::localcluster::Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+        tether_testkit::localcluster::Reply::Bulk(Some(b)) => {
+            String::from_utf8_lossy(&b).into_owned()
+        }
         other => panic!("INFO commandstats answered {other:?}"),
     };
     text.lines()
@@ -405,9 +385,9 @@ pub fn command_calls(redis: &tether::localcluster::RedisServer) -> BTreeMap<Stri
 #[allow(dead_code)]
 pub fn string_set(
     what: &str,
-    reply: tether::localcluster::Reply,
+    reply: tether_testkit::localcluster::Reply,
 ) -> std::collections::BTreeSet<String> {
-    use tether::localcluster::Reply;
+    use tether_testkit::localcluster::Reply;
     match reply {
         Reply::Array(Some(items)) => items
             .into_iter()

@@ -2,133 +2,23 @@
 //! document for scripts, built from the same values so the two never
 //! disagree.
 //!
-//! The JSON is written by hand: it is a few dozen fields, not worth a
-//! serialisation dependency.
+//! The JSON is `serde_json`'s, with objects in insertion order
+//! (`preserve_order`), so fields appear as the scenario adds them.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
-/// A JSON value, just enough of it for the reports.
-#[derive(Debug, Clone)]
-pub enum Json {
-    Null,
-    Bool(bool),
-    Int(i64),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
+/// A JSON value of the reports.
+pub type Json = serde_json::Value;
+
+/// An object from `(key, value)` pairs, in order.
+pub fn obj<K: Into<String>>(fields: impl IntoIterator<Item = (K, Json)>) -> Json {
+    Json::Object(fields.into_iter().map(|(k, v)| (k.into(), v)).collect())
 }
 
-impl Json {
-    /// An object from `(key, value)` pairs, in order.
-    pub fn obj<K: Into<String>>(fields: impl IntoIterator<Item = (K, Json)>) -> Json {
-        Json::Obj(fields.into_iter().map(|(k, v)| (k.into(), v)).collect())
-    }
-
-    /// A number of milliseconds from a duration, to 0.1 ms.
-    pub fn ms(d: std::time::Duration) -> Json {
-        Json::Num((d.as_secs_f64() * 10_000.0).round() / 10.0)
-    }
-
-    /// Writes the value as compact JSON.
-    pub fn write(&self, out: &mut String) {
-        match self {
-            Json::Null => out.push_str("null"),
-            Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Json::Int(i) => {
-                let _ = write!(out, "{i}");
-            }
-            // JSON has no NaN or infinity.
-            Json::Num(n) if !n.is_finite() => out.push_str("null"),
-            Json::Num(n) => {
-                let _ = write!(out, "{n}");
-            }
-            Json::Str(s) => write_str(s, out),
-            Json::Arr(items) => {
-                out.push('[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    item.write(out);
-                }
-                out.push(']');
-            }
-            Json::Obj(fields) => {
-                out.push('{');
-                for (i, (k, v)) in fields.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    write_str(k, out);
-                    out.push(':');
-                    v.write(out);
-                }
-                out.push('}');
-            }
-        }
-    }
-}
-
-impl From<&str> for Json {
-    fn from(s: &str) -> Self {
-        Json::Str(s.to_owned())
-    }
-}
-
-impl From<String> for Json {
-    fn from(s: String) -> Self {
-        Json::Str(s)
-    }
-}
-
-impl From<bool> for Json {
-    fn from(b: bool) -> Self {
-        Json::Bool(b)
-    }
-}
-
-impl From<f64> for Json {
-    fn from(n: f64) -> Self {
-        Json::Num(n)
-    }
-}
-
-impl From<u64> for Json {
-    fn from(n: u64) -> Self {
-        Json::Int(i64::try_from(n).unwrap_or(i64::MAX))
-    }
-}
-
-impl From<usize> for Json {
-    fn from(n: usize) -> Self {
-        Json::Int(i64::try_from(n).unwrap_or(i64::MAX))
-    }
-}
-
-impl From<i64> for Json {
-    fn from(n: i64) -> Self {
-        Json::Int(n)
-    }
-}
-
-fn write_str(s: &str, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+/// A number of milliseconds from a duration, to 0.1 ms.
+pub fn json_ms(d: std::time::Duration) -> Json {
+    Json::from((d.as_secs_f64() * 10_000.0).round() / 10.0)
 }
 
 /// One row of the table, also one field of `results` in the JSON.
@@ -192,7 +82,7 @@ impl Report {
     /// Adds a duration row, shown and stored in milliseconds.
     pub fn metric_ms(&mut self, key: &str, label: &str, d: Option<std::time::Duration>) {
         let (value, shown) = match d {
-            Some(d) => (Json::ms(d), format!("{:.1} ms", d.as_secs_f64() * 1000.0)),
+            Some(d) => (json_ms(d), format!("{:.1} ms", d.as_secs_f64() * 1000.0)),
             None => (Json::Null, "-".to_owned()),
         };
         self.metric(key, label, value, shown);
@@ -234,8 +124,8 @@ impl Report {
             .map(|(k, v)| {
                 let mut s = String::new();
                 match v {
-                    Json::Str(text) => s.push_str(text),
-                    other => other.write(&mut s),
+                    Json::String(text) => s.push_str(text),
+                    other => s.push_str(&other.to_string()),
                 }
                 format!("{k}={s}")
             })
@@ -272,29 +162,29 @@ impl Report {
 
     /// The JSON document, with the machine description around it.
     pub fn json(&self, machine: Json) -> String {
-        let doc = Json::obj([
+        let doc = obj([
             ("bench", Json::from("tether-bench")),
             ("version", Json::from(env!("CARGO_PKG_VERSION"))),
             ("scenario", Json::from(self.scenario)),
             ("machine", machine),
-            ("config", Json::Obj(self.config.clone())),
+            ("config", obj(self.config.clone())),
             (
                 "results",
-                Json::Obj(
+                Json::Object(
                     self.metrics
                         .iter()
                         .map(|m| (m.key.clone(), m.value.clone()))
                         .collect(),
                 ),
             ),
-            ("details", Json::Obj(self.details.clone())),
+            ("details", obj(self.details.clone())),
             (
                 "targets",
-                Json::Arr(
+                Json::Array(
                     self.targets
                         .iter()
                         .map(|t| {
-                            Json::obj([
+                            obj([
                                 ("name", Json::from(t.name.as_str())),
                                 ("goal", Json::from(t.goal.as_str())),
                                 ("measured", Json::from(t.measured.as_str())),
@@ -306,11 +196,10 @@ impl Report {
             ),
             (
                 "notes",
-                Json::Arr(self.notes.iter().map(|n| Json::from(n.as_str())).collect()),
+                Json::Array(self.notes.iter().map(|n| Json::from(n.as_str())).collect()),
             ),
         ]);
-        let mut out = String::new();
-        doc.write(&mut out);
+        let mut out = doc.to_string();
         out.push('\n');
         out
     }
@@ -326,17 +215,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_escapes_and_nests() {
-        let v = Json::obj([
-            ("a", Json::from("x\"y\n\u{1}")),
+    fn json_keeps_field_order_and_has_no_nan() {
+        let v = obj([
+            ("z", Json::from("x\"y\n\u{1}")),
             (
-                "b",
-                Json::Arr(vec![Json::Int(1), Json::Num(0.5), Json::Null]),
+                "a",
+                Json::Array(vec![Json::from(1), Json::from(0.5), Json::Null]),
             ),
-            ("c", Json::Num(f64::NAN)),
+            ("c", Json::from(f64::NAN)),
         ]);
-        let mut s = String::new();
-        v.write(&mut s);
-        assert_eq!(s, r#"{"a":"x\"y\n\u0001","b":[1,0.5,null],"c":null}"#);
+        assert_eq!(
+            v.to_string(),
+            r#"{"z":"x\"y\n\u0001","a":[1,0.5,null],"c":null}"#
+        );
     }
 }

@@ -6,11 +6,11 @@
 use super::{Bench, Common};
 use crate::fleet::Fleet;
 use crate::procfs::{self, Pid};
-use crate::report::{Json, Report};
+use crate::report::{json_ms, Json, Report};
 use crate::stats::{missed_beats, Summary};
 use std::time::{Duration, Instant};
 use tether::config::parse_duration;
-use tether::localcluster::Signal;
+use tether_testkit::localcluster::Signal;
 
 /// Flags of `failover`, `hang` and `drain`.
 #[derive(Debug, Clone, clap::Args)]
@@ -318,7 +318,7 @@ pub fn target_le(
 
 /// Per-head worker counts as JSON.
 pub fn loads_json(loads: &std::collections::BTreeMap<String, usize>) -> Json {
-    Json::Obj(
+    Json::Object(
         loads
             .iter()
             .map(|(k, v)| (k.clone(), Json::from(*v)))
@@ -406,7 +406,7 @@ impl CpuUse {
         report.metric(
             "cpu_during_moves_ms",
             "CPU used until the last orphan moved",
-            Json::ms(total),
+            json_ms(total),
             format!(
                 "{:.0} ms (bench {:.0}, heads {:.0}, redis {:.0}; ticks of 10 ms)",
                 total.as_secs_f64() * 1000.0,

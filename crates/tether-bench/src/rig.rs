@@ -1,12 +1,12 @@
 //! The real processes under test: one `redis-server` and the
-//! `tether-head`s, started through [`tether::localcluster`] from the
+//! `tether-head`s, started through [`tether_testkit::localcluster`] from the
 //! release binaries next to the bench, and the signals that play crashes,
 //! hangs and scale-downs.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tether::localcluster::{self, Binaries, Cluster, Reply, Signal};
+use tether_testkit::localcluster::{self, Binaries, Cluster, Reply, Signal};
 
 /// The readiness entry of a head in health: SERVING once it holds its lease.
 const HEAD_SERVICE: &str = "tether.v1.HeadService";

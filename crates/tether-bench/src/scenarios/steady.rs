@@ -5,7 +5,7 @@
 use super::moves::loads_json;
 use super::{Bench, Common};
 use crate::procfs::{self, Pid};
-use crate::report::{Json, Report};
+use crate::report::{obj, Json, Report};
 use crate::rig::calls_between;
 use crate::stats::{missed_beats, Summary};
 use std::time::{Duration, Instant};
@@ -84,7 +84,7 @@ pub async fn run(args: &SteadyArgs) -> Result<Report, String> {
         let per_worker_delta = rss.saturating_sub(rss_empty[k]) as f64 / attached.max(1) as f64;
         worst_cpu = worst_cpu.max(cpu);
         worst_rss_per_worker = worst_rss_per_worker.max(per_worker);
-        head_rows.push(Json::obj([
+        head_rows.push(obj([
             ("head", Json::from(id.as_str())),
             ("attached", Json::from(attached)),
             ("cpu_percent_of_one_core", Json::from(cpu)),
@@ -130,7 +130,7 @@ pub async fn run(args: &SteadyArgs) -> Result<Report, String> {
             format!("{per_worker:.1} KiB (growth {per_worker_delta:.1} KiB)"),
         );
     }
-    report.detail("heads", Json::Arr(head_rows));
+    report.detail("heads", Json::Array(head_rows));
 
     let calls = calls_between(&stats0, &stats1);
     let total: u64 = calls.values().sum();
@@ -152,7 +152,7 @@ pub async fn run(args: &SteadyArgs) -> Result<Report, String> {
     );
     report.detail(
         "redis_calls",
-        Json::Obj(
+        Json::Object(
             calls
                 .iter()
                 .map(|(k, v)| (k.clone(), Json::from(*v)))

@@ -1,7 +1,7 @@
 //! Summaries of a set of durations: nearest-rank percentiles, so that
 //! every reported value is one that was actually measured.
 
-use crate::report::{Json, Report};
+use crate::report::{obj, Json, Report};
 use std::time::Duration;
 
 /// The distribution of a set of durations.
@@ -87,7 +87,7 @@ impl Summary {
     /// A 10-bucket histogram from min to max, for the JSON details.
     pub fn histogram(&self) -> Json {
         let (Some(lo), Some(hi)) = (self.min(), self.max()) else {
-            return Json::Arr(Vec::new());
+            return Json::Array(Vec::new());
         };
         let buckets = 10usize;
         let span = (hi - lo).as_secs_f64().max(1e-9);
@@ -96,14 +96,14 @@ impl Summary {
             let i = (((*d - lo).as_secs_f64() / span) * buckets as f64) as usize;
             counts[i.min(buckets - 1)] += 1;
         }
-        Json::Arr(
+        Json::Array(
             counts
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
                     let upper = lo.as_secs_f64() + span * (i + 1) as f64 / buckets as f64;
-                    Json::obj([
-                        ("le_ms", Json::Num((upper * 10_000.0).round() / 10.0)),
+                    obj([
+                        ("le_ms", Json::from((upper * 10_000.0).round() / 10.0)),
                         ("count", Json::from(*c)),
                     ])
                 })

@@ -18,17 +18,17 @@
 //! Signals go through the `kill` command rather than `libc`, to keep the
 //! crate free of a dependency that only this module would need.
 
-use crate::pb::head_service_client::HeadServiceClient;
-use crate::pb::worker_service_client::WorkerServiceClient;
-use crate::pb::{ListWorkersResponse, StatusRequest, WorkerStatus};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tether::pb::head_service_client::HeadServiceClient;
+use tether::pb::worker_service_client::WorkerServiceClient;
+use tether::pb::{ListWorkersResponse, StatusRequest, WorkerStatus};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -453,25 +453,48 @@ impl RedisServer {
         matches!(self.command(&["PING"]), Ok(Reply::Simple(s)) if s == "PONG")
     }
 
-    /// Sends one command over a fresh connection and reads the reply. A
-    /// small blocking client, so that tests can look at the keys Tether
-    /// wrote without a Redis client of their own.
+    /// Sends one command over a fresh connection and reads the reply, so
+    /// that tests can look at the keys Tether wrote (see [`redis_command`]).
     pub fn command(&self, args: &[&str]) -> Result<Reply> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let what = || format!("talking to Redis at {addr}");
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
-            .map_err(io_err(what()))?;
-        stream
-            .set_read_timeout(Some(RPC_TIMEOUT))
-            .map_err(io_err(what()))?;
-        let mut request = format!("*{}\r\n", args.len());
-        for a in args {
-            request.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        redis_command(self.port, args)
+    }
+}
+
+/// Sends one command to the Redis on 127.0.0.1:`port` over a fresh
+/// blocking connection (the `redis` crate's) and returns its reply. An
+/// error reply is `Ok(Reply::Error(..))`, as Redis sent it; only a failed
+/// connection is an `Err`.
+pub fn redis_command(port: u16, args: &[&str]) -> Result<Reply> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let what = || format!("talking to Redis at {addr}");
+    // No `CLIENT SETINFO` on connect: tests count the commands Redis ran.
+    let info = redis::IntoConnectionInfo::into_connection_info(format!("redis://{addr}/"))
+        .map_err(|e| HarnessError::Redis(e.to_string()))?;
+    let settings = info.redis_settings().clone().set_skip_set_lib_name();
+    let info = info.set_redis_settings(settings);
+    let client = redis::Client::open(info).map_err(|e| HarnessError::Redis(e.to_string()))?;
+    let io = |e: redis::RedisError| HarnessError::Io {
+        what: what(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_millis(500))
+        .map_err(io)?;
+    conn.set_read_timeout(Some(RPC_TIMEOUT)).map_err(io)?;
+    let mut cmd = redis::cmd(args.first().copied().unwrap_or("PING"));
+    for a in args.iter().skip(1) {
+        cmd.arg(*a);
+    }
+    match cmd.query::<redis::Value>(&mut conn) {
+        Ok(value) => Ok(Reply::from(value)),
+        Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => {
+            Ok(Reply::Error(match (e.code(), e.detail()) {
+                (Some(code), Some(detail)) => format!("{code} {detail}"),
+                (Some(code), None) => code.to_owned(),
+                _ => e.to_string(),
+            }))
         }
-        stream
-            .write_all(request.as_bytes())
-            .map_err(io_err(what()))?;
-        Reply::read(&mut BufReader::new(stream))
+        Err(e) => Err(io(e)),
     }
 }
 
@@ -497,43 +520,27 @@ pub enum Reply {
     Array(Option<Vec<Reply>>),
 }
 
-impl Reply {
-    fn read(reader: &mut impl BufRead) -> Result<Reply> {
-        let mut line = String::new();
-        reader
-            .read_line(&mut line)
-            .map_err(io_err("reading a Redis reply"))?;
-        let line = line.trim_end_matches(['\r', '\n']);
-        let (kind, rest) = line.split_at(line.len().min(1));
-        let number = || {
-            rest.parse::<i64>()
-                .map_err(|_| HarnessError::Redis(line.to_owned()))
-        };
-        Ok(match kind {
-            "+" => Reply::Simple(rest.to_owned()),
-            "-" => Reply::Error(rest.to_owned()),
-            ":" => Reply::Integer(number()?),
-            "$" => match usize::try_from(number()?) {
-                Err(_) => Reply::Bulk(None),
-                Ok(len) => {
-                    let mut bytes = vec![0; len + 2];
-                    reader
-                        .read_exact(&mut bytes)
-                        .map_err(io_err("reading a Redis bulk string"))?;
-                    bytes.truncate(len);
-                    Reply::Bulk(Some(bytes))
-                }
-            },
-            "*" => match usize::try_from(number()?) {
-                Err(_) => Reply::Array(None),
-                Ok(len) => Reply::Array(Some(
-                    (0..len)
-                        .map(|_| Reply::read(reader))
-                        .collect::<Result<_>>()?,
-                )),
-            },
-            _ => return Err(HarnessError::Redis(line.to_owned())),
-        })
+impl From<redis::Value> for Reply {
+    fn from(value: redis::Value) -> Self {
+        use redis::Value;
+        match value {
+            Value::Nil => Reply::Bulk(None),
+            Value::Int(n) => Reply::Integer(n),
+            Value::BulkString(b) => Reply::Bulk(Some(b)),
+            Value::Array(items) | Value::Set(items) => {
+                Reply::Array(Some(items.into_iter().map(Reply::from).collect()))
+            }
+            Value::Map(pairs) => Reply::Array(Some(
+                pairs
+                    .into_iter()
+                    .flat_map(|(k, v)| [Reply::from(k), Reply::from(v)])
+                    .collect(),
+            )),
+            Value::SimpleString(s) => Reply::Simple(s),
+            Value::Okay => Reply::Simple("OK".to_owned()),
+            Value::ServerError(e) => Reply::Error(format!("{e:?}")),
+            other => Reply::Bulk(Some(format!("{other:?}").into_bytes())),
+        }
     }
 }
 
@@ -1078,7 +1085,7 @@ impl Probe {
                 request.set_timeout(RPC_TIMEOUT);
                 request
             };
-            crate::listing::list_all(&mut client, page)
+            tether::listing::list_all(&mut client, page)
                 .await
                 .map(tonic::Response::new)
         };
@@ -1164,23 +1171,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn replies_parse() {
-        let mut input: &[u8] = b"*3\r\n:1\r\n$3\r\nabc\r\n$-1\r\n";
+    fn commands_answer_as_redis_replied() {
+        let redis = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            Reply::read(&mut input).unwrap(),
+            redis.command(&["SET", "k", "abc"]).unwrap(),
+            Reply::Simple("OK".into())
+        );
+        assert_eq!(
+            redis.command(&["MGET", "k", "missing"]).unwrap(),
             Reply::Array(Some(vec![
-                Reply::Integer(1),
                 Reply::Bulk(Some(b"abc".to_vec())),
-                Reply::Bulk(None),
+                Reply::Bulk(None)
             ]))
         );
-        let mut input: &[u8] = b"-ERR nope\r\n";
-        assert_eq!(
-            Reply::read(&mut input).unwrap(),
-            Reply::Error("ERR nope".into())
-        );
-        let mut input: &[u8] = b"?\r\n";
-        assert!(Reply::read(&mut input).is_err());
+        assert_eq!(redis.command(&["DEL", "k"]).unwrap(), Reply::Integer(1));
+        match redis.command(&["NO-SUCH-COMMAND"]).unwrap() {
+            Reply::Error(e) => assert!(e.starts_with("ERR "), "{e}"),
+            other => panic!("an unknown command answered {other:?}"),
+        }
+        assert!(redis.ping());
     }
 
     #[test]

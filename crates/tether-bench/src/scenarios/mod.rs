@@ -135,7 +135,7 @@ impl Common {
         if !self.head_args.is_empty() {
             report.config(
                 "head_args",
-                Json::Arr(
+                Json::Array(
                     self.head_args
                         .iter()
                         .map(|a| Json::from(a.as_str()))

@@ -9,7 +9,7 @@
 
 use super::{Bench, Common};
 use crate::procfs::{self, Pid};
-use crate::report::{Json, Report};
+use crate::report::{json_ms, obj, Json, Report};
 use crate::stats::{missed_beats, Summary};
 use std::time::{Duration, Instant};
 use tether::config::parse_duration;
@@ -69,7 +69,7 @@ pub async fn run(args: &CapacityArgs) -> Result<Report, String> {
     report.config("hold_ms", super::ms(args.hold));
     report.config(
         "steps",
-        Json::Arr(steps.iter().map(|n| Json::from(*n)).collect()),
+        Json::Array(steps.iter().map(|n| Json::from(*n)).collect()),
     );
 
     let machine_limit = procfs::nofile_limit(Pid::Me).unwrap_or(0);
@@ -141,9 +141,9 @@ pub async fn run(args: &CapacityArgs) -> Result<Report, String> {
             rss as f64 / 1024.0,
             gaps.max().unwrap_or_default().as_secs_f64() * 1000.0,
         );
-        rows.push(Json::obj([
+        rows.push(obj([
             ("workers", Json::from(n)),
-            ("attach_ms", Json::ms(attach_took)),
+            ("attach_ms", json_ms(attach_took)),
             ("head_cpu_percent", Json::from(cpu)),
             ("bench_cpu_percent", Json::from(bench_cpu)),
             ("head_rss_kib", Json::from(rss)),
@@ -151,9 +151,9 @@ pub async fn run(args: &CapacityArgs) -> Result<Report, String> {
             ("head_open_fds", Json::from(fds)),
             (
                 "max_gap_p99_ms",
-                gaps.percentile(99.0).map_or(Json::Null, Json::ms),
+                gaps.percentile(99.0).map_or(Json::Null, json_ms),
             ),
-            ("max_gap_ms", gaps.max().map_or(Json::Null, Json::ms)),
+            ("max_gap_ms", gaps.max().map_or(Json::Null, json_ms)),
             ("workers_missing_beats", Json::from(missing)),
             ("moves", Json::from(moves)),
             ("unattached", Json::from(unattached)),
@@ -184,7 +184,7 @@ pub async fn run(args: &CapacityArgs) -> Result<Report, String> {
         "head RSS before workers (KiB)",
         rss_empty,
     );
-    report.detail("steps", Json::Arr(rows));
+    report.detail("steps", Json::Array(rows));
     let goal = 19_900;
     report.target(
         "capacity at 1 Hz",
@@ -202,9 +202,9 @@ fn shown_or_none(held: Option<usize>) -> String {
 }
 
 fn step_row(n: usize, took: Option<Duration>, cpu: Option<f64>, verdict: &str) -> Json {
-    Json::obj([
+    obj([
         ("workers", Json::from(n)),
-        ("attach_ms", took.map_or(Json::Null, Json::ms)),
+        ("attach_ms", took.map_or(Json::Null, json_ms)),
         ("head_cpu_percent", cpu.map_or(Json::Null, Json::from)),
         ("verdict", Json::from(verdict)),
     ])

@@ -2,10 +2,11 @@
 //! steady-state cost and capacity of real `tether-head` processes.
 //!
 //! It starts its own `redis-server` and heads (the binaries next to it;
-//! `cargo build --release` builds them all) and simulates the workers in
-//! this one process with the library's attach loop, the code
-//! `tether-worker` runs, each over its own TCP connection. Each scenario
-//! prints a small table and, with `--json PATH`, writes the same numbers
+//! `cargo build --release` at the workspace root builds them all) and
+//! simulates the workers in this one process with the library's attach
+//! loop, the code `tether-worker` runs, each over its own TCP connection.
+//! Each scenario prints a small table and, with `--json PATH`, writes the
+//! same numbers
 //! as JSON. `docs/BENCHMARKS.md` has the commands and the results.
 //!
 //! # Layout

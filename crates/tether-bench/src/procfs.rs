@@ -2,7 +2,7 @@
 //! processes it measures (a head, itself): CPU time, resident memory,
 //! open descriptors, and the open-file limit.
 
-use crate::report::Json;
+use crate::report::{obj, Json};
 use std::time::{Duration, Instant};
 
 /// Whose `/proc` entry to read.
@@ -236,7 +236,7 @@ impl Machine {
     /// The JSON description, with the load at the end of the run (after
     /// the bench's own heads were stopped).
     pub fn json(&self) -> Json {
-        Json::obj([
+        obj([
             ("cores", Json::from(self.cores)),
             ("cpu_model", Json::from(self.cpu_model.as_str())),
             ("mem_total_kib", Json::from(self.mem_total_kib)),
