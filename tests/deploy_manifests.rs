@@ -5,15 +5,17 @@
 //! drain (a grace period shorter than the drain gets a head SIGKILLed
 //! mid-drain). Also the two Dockerfiles end in the same runtime image.
 //!
-//! The YAML is read line by line: the files are ours and plain (block
-//! style, two-space indents), and the tree has no YAML crate. A change of
-//! layout that this reading cannot follow fails loudly rather than being
-//! skipped.
+//! The YAML is parsed with `yaml-rust2` (a maintained YAML 1.2 parser;
+//! `serde_yaml` and `serde_yml` are deprecated), so any layout YAML allows
+//! reads the same; a file that does not parse fails the test. Compose's
+//! merge keys (`<<: *anchor`) are not followed: the anchored `x-` blocks
+//! are checked as parts of their own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 use tether_testkit::localcluster::run_to_exit;
+use yaml_rust2::{Yaml, YamlLoader};
 
 /// Which binary a piece of a manifest configures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -84,34 +86,51 @@ fn flags_in(line: &str) -> Vec<String> {
     out
 }
 
-/// The text of a line without its comment (none of our values holds `#`).
-fn uncommented(line: &str) -> &str {
-    match line.find('#') {
-        Some(at) if at == 0 || line.as_bytes()[at - 1] == b' ' => &line[..at],
-        _ => line,
+/// A scalar as text (numbers and booleans as YAML writes them).
+fn scalar(node: &Yaml) -> Option<String> {
+    match node {
+        Yaml::String(s) | Yaml::Real(s) => Some(s.clone()),
+        Yaml::Integer(i) => Some(i.to_string()),
+        Yaml::Boolean(b) => Some(b.to_string()),
+        _ => None,
     }
 }
 
-fn indent(line: &str) -> usize {
-    line.len() - line.trim_start().len()
+/// Every node of a tree in document order, with the key it sits under
+/// (`None` for sequence items and the root). Compose merge keys (`<<`) are
+/// skipped: what they merge in is a part of its own.
+fn walk<'a>(
+    node: &'a Yaml,
+    key: Option<&'a Yaml>,
+    visit: &mut impl FnMut(Option<&'a Yaml>, &'a Yaml),
+) {
+    visit(key, node);
+    match node {
+        Yaml::Hash(map) => {
+            for (k, v) in map {
+                if k.as_str() == Some("<<") {
+                    continue;
+                }
+                walk(v, Some(k), visit);
+            }
+        }
+        Yaml::Array(items) => {
+            for item in items {
+                walk(item, None, visit);
+            }
+        }
+        _ => {}
+    }
 }
 
-/// A `TETHER_*` name that a line defines: a compose map key
-/// (`TETHER_X: value`), a compose list entry (`- TETHER_X=value`) or a
-/// Kubernetes env entry (`- name: TETHER_X`).
-fn env_defined(line: &str) -> Option<String> {
-    let t = uncommented(line).trim();
-    let t = t.strip_prefix("- ").unwrap_or(t).trim_start();
-    let t = t.strip_prefix("name:").map(str::trim_start).unwrap_or(t);
-    let t = t.trim_start_matches('"');
-    if !t.starts_with("TETHER_") {
-        return None;
-    }
-    let name: String = t
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .collect();
-    Some(name)
+/// The `TETHER_*` variable a text names, up to its first other character.
+fn tether_name(text: &str) -> Option<String> {
+    let t = text.trim_start_matches('"');
+    t.starts_with("TETHER_").then(|| {
+        t.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    })
 }
 
 /// One part of a manifest that configures a binary.
@@ -120,53 +139,117 @@ struct Part {
     /// File and part name, for messages.
     place: String,
     role: Role,
-    lines: Vec<String>,
+    node: Yaml,
 }
 
 impl Part {
-    fn flags(&self) -> Vec<String> {
-        self.lines
-            .iter()
-            .flat_map(|l| flags_in(uncommented(l)))
+    /// Every node with the key it sits under, in document order.
+    fn nodes(&self) -> Vec<(Option<&Yaml>, &Yaml)> {
+        let mut out = Vec::new();
+        walk(&self.node, None, &mut |k, v| out.push((k, v)));
+        out
+    }
+
+    /// Every scalar's text, keys included.
+    fn texts(&self) -> Vec<String> {
+        self.nodes()
+            .into_iter()
+            .flat_map(|(k, v)| [k.and_then(scalar), scalar(v)])
+            .flatten()
             .collect()
     }
 
-    fn env(&self) -> Vec<String> {
-        self.lines.iter().filter_map(|l| env_defined(l)).collect()
+    fn flags(&self) -> Vec<String> {
+        self.nodes()
+            .into_iter()
+            .filter_map(|(_, v)| scalar(v))
+            .flat_map(|t| flags_in(&t))
+            .collect()
     }
 
-    /// The value of the first `key: value` line, quotes removed.
+    /// The `TETHER_*` names it defines: a compose map key
+    /// (`TETHER_X: value`), a compose list entry (`- TETHER_X=value`) or a
+    /// Kubernetes env entry (`- name: TETHER_X`).
+    fn env(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (key, node) in self.nodes() {
+            match node {
+                Yaml::Hash(map) => {
+                    for (k, v) in map {
+                        let k = k.as_str().unwrap_or("");
+                        if k.starts_with("TETHER_") {
+                            out.extend(tether_name(k));
+                        }
+                        if k == "name" {
+                            out.extend(v.as_str().and_then(tether_name));
+                        }
+                    }
+                }
+                Yaml::String(s) if key.is_none() => out.extend(tether_name(s)),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// The first scalar value under `key`.
     fn value(&self, key: &str) -> Option<String> {
-        self.lines.iter().find_map(|l| {
-            let t = uncommented(l).trim();
-            let t = t.strip_prefix("- ").unwrap_or(t);
-            t.strip_prefix(key)
-                .and_then(|r| r.strip_prefix(':'))
-                .map(|v| v.trim().trim_matches('"').to_owned())
+        self.nodes()
+            .into_iter()
+            .find(|(k, v)| k.and_then(|k| k.as_str()) == Some(key) && scalar(v).is_some())
+            .and_then(|(_, v)| scalar(v))
+    }
+
+    /// The value given to env var `name`, compose style (a map or
+    /// `NAME=value` items) or Kubernetes style (`name:` and `value:`).
+    fn env_value(&self, name: &str) -> Option<String> {
+        self.nodes().into_iter().find_map(|(key, node)| match node {
+            Yaml::Hash(map) => {
+                if let Some(v) = map.get(&Yaml::String(name.to_owned())) {
+                    return scalar(v);
+                }
+                (map.get(&Yaml::String("name".to_owned()))?.as_str() == Some(name))
+                    .then(|| map.get(&Yaml::String("value".to_owned())).and_then(scalar))
+                    .flatten()
+            }
+            Yaml::String(s) if key.is_none() => s
+                .strip_prefix(name)
+                .and_then(|r| r.strip_prefix('='))
+                .map(str::to_owned),
+            _ => None,
         })
     }
 
-    /// The value given to env var `name`, compose style or Kubernetes
-    /// style.
-    fn env_value(&self, name: &str) -> Option<String> {
-        let at = self
-            .lines
-            .iter()
-            .position(|l| env_defined(l).as_deref() == Some(name))?;
-        let line = uncommented(&self.lines[at]).trim();
-        if line.starts_with("- name:") {
-            let next = self.lines.get(at + 1)?;
-            return next
-                .trim()
-                .strip_prefix("value:")
-                .map(|v| v.trim().trim_matches('"').to_owned());
-        }
-        let (_, value) = line.split_once(':').or_else(|| line.split_once('='))?;
-        Some(value.trim().trim_matches('"').to_owned())
+    /// Whether some key `key` holds the scalar `value`.
+    fn has(&self, key: &str, value: &str) -> bool {
+        self.nodes().into_iter().any(|(k, v)| {
+            k.and_then(|k| k.as_str()) == Some(key) && scalar(v).as_deref() == Some(value)
+        })
     }
 
-    fn contains(&self, needle: &str) -> bool {
-        self.lines.iter().any(|l| uncommented(l).contains(needle))
+    /// Whether some key is `key`.
+    fn has_key(&self, key: &str) -> bool {
+        self.nodes()
+            .into_iter()
+            .any(|(k, _)| k.and_then(|k| k.as_str()) == Some(key))
+    }
+
+    /// Whether a list under `key` (or a map under it, by its keys) holds
+    /// `item`.
+    fn lists(&self, key: &str, item: &str) -> bool {
+        self.nodes().into_iter().any(|(k, v)| {
+            k.and_then(|k| k.as_str()) == Some(key)
+                && match v {
+                    Yaml::Array(items) => items.iter().any(|i| i.as_str() == Some(item)),
+                    Yaml::Hash(map) => map.keys().any(|i| i.as_str() == Some(item)),
+                    _ => false,
+                }
+        })
+    }
+
+    /// Whether any key or scalar holds `needle`.
+    fn mentions(&self, needle: &str) -> bool {
+        self.texts().iter().any(|t| t.contains(needle))
     }
 }
 
@@ -175,44 +258,37 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The YAML documents of a file; a file that does not parse fails.
+fn documents(place: &str, text: &str) -> Vec<Yaml> {
+    YamlLoader::load_from_str(text).unwrap_or_else(|e| panic!("{place}: not YAML: {e}"))
+}
+
 /// docker-compose.yml in parts: each service, and each top-level `x-`
 /// extension (anchors the services merge in).
 fn compose_parts() -> Vec<Part> {
-    let text = read("docker-compose.yml");
-    let mut parts: Vec<Part> = Vec::new();
-    let mut top = String::new();
-    for line in text.lines() {
-        let code = uncommented(line);
-        if code.trim().is_empty() {
-            continue;
+    let docs = documents("docker-compose.yml", &read("docker-compose.yml"));
+    let root = docs
+        .into_iter()
+        .next()
+        .expect("docker-compose.yml has a document");
+    let map = root.as_hash().expect("docker-compose.yml is a map");
+    let mut parts = Vec::new();
+    for (key, node) in map {
+        let key = key.as_str().unwrap_or("");
+        if key.starts_with("x-") {
+            parts.push(compose_part(key, node.clone()));
         }
-        let key = code.trim().split(':').next().unwrap_or("").to_owned();
-        match indent(code) {
-            0 => {
-                top = key.clone();
-                if top.starts_with("x-") {
-                    parts.push(compose_part(&top));
-                }
-                continue;
+        if key == "services" {
+            for (name, service) in node.as_hash().expect("services is a map") {
+                let name = name.as_str().expect("a service name");
+                parts.push(compose_part(name, service.clone()));
             }
-            2 if top == "services" => {
-                parts.push(compose_part(&key));
-                continue;
-            }
-            _ => {}
-        }
-        if top == "services" || top.starts_with("x-") {
-            parts
-                .last_mut()
-                .expect("a part is open inside services and x- blocks")
-                .lines
-                .push(line.to_owned());
         }
     }
     parts
 }
 
-fn compose_part(name: &str) -> Part {
+fn compose_part(name: &str, node: Yaml) -> Part {
     let role = match name {
         "x-tether" => Role::Both,
         n if n.starts_with("x-head") || n.starts_with("head") => Role::Head,
@@ -225,7 +301,7 @@ fn compose_part(name: &str) -> Part {
     Part {
         place: format!("docker-compose.yml {name}"),
         role,
-        lines: Vec::new(),
+        node,
     }
 }
 
@@ -243,21 +319,16 @@ fn kubernetes_parts() -> Vec<Part> {
     for file in files {
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         let text = std::fs::read_to_string(&file).unwrap();
-        for (i, doc) in text.split("\n---").enumerate() {
-            let lines: Vec<String> = doc.lines().map(str::to_owned).collect();
-            let kind = lines.iter().find_map(|l| {
-                uncommented(l)
-                    .trim()
-                    .strip_prefix("kind:")
-                    .map(|k| k.trim().to_owned())
-            });
+        let place = format!("deploy/kubernetes/{name}");
+        for (i, node) in documents(&place, &text).into_iter().enumerate() {
+            let kind = node["kind"].as_str().map(str::to_owned);
             if kind.is_none() || kind.as_deref() == Some("Kustomization") {
                 continue;
             }
             let mut part = Part {
-                place: format!("deploy/kubernetes/{name} document {}", i + 1),
+                place: format!("{place} document {}", i + 1),
                 role: Role::Other,
-                lines,
+                node,
             };
             part.role = match part.value("app.kubernetes.io/component").as_deref() {
                 Some("head") => Role::Head,
@@ -373,23 +444,27 @@ fn kubernetes_env_references_come_from_earlier_entries() {
     let mut problems = Vec::new();
     for part in kubernetes_parts() {
         let mut defined: BTreeSet<String> = BTreeSet::new();
-        for line in &part.lines {
-            let t = uncommented(line).trim();
-            if let Some(name) = t.strip_prefix("- name:") {
-                defined.insert(name.trim().trim_matches('"').to_owned());
+        for (_, node) in part.nodes() {
+            let Yaml::Hash(entry) = node else { continue };
+            if let Some(name) = entry.get(&Yaml::String("name".to_owned())).and_then(scalar) {
+                defined.insert(name);
             }
-            if let Some(value) = t.strip_prefix("value:") {
-                let mut rest = value;
-                while let Some(at) = rest.find("$(") {
-                    let name: String = rest[at + 2..].chars().take_while(|c| *c != ')').collect();
-                    if !defined.contains(&name) {
-                        problems.push(format!(
-                            "{}: $({name}) is not defined before its use",
-                            part.place
-                        ));
-                    }
-                    rest = &rest[at + 2 + name.len()..];
+            let Some(value) = entry
+                .get(&Yaml::String("value".to_owned()))
+                .and_then(scalar)
+            else {
+                continue;
+            };
+            let mut rest = value.as_str();
+            while let Some(at) = rest.find("$(") {
+                let name: String = rest[at + 2..].chars().take_while(|c| *c != ')').collect();
+                if !defined.contains(&name) {
+                    problems.push(format!(
+                        "{}: $({name}) is not defined before its use",
+                        part.place
+                    ));
                 }
+                rest = &rest[at + 2 + name.len()..];
             }
         }
     }
@@ -407,7 +482,7 @@ fn kubernetes_heads_advertise_the_pod_ip_probe_health_and_outlast_their_drain() 
     };
     let head = deployment(Role::Head);
     assert!(
-        head.contains("fieldPath: status.podIP"),
+        head.has("fieldPath", "status.podIP"),
         "{}: POD_IP from the downward API",
         head.place
     );
@@ -416,14 +491,14 @@ fn kubernetes_heads_advertise_the_pod_ip_probe_health_and_outlast_their_drain() 
         Some("$(POD_IP):7070")
     );
     assert_eq!(head.value("containerPort").as_deref(), Some("7070"));
-    for service in ["service: \"\"", "service: tether.v1.HeadService"] {
+    for service in ["", "tether.v1.HeadService"] {
         assert!(
-            head.contains(service),
-            "{}: a gRPC probe with {service}",
+            head.has("service", service),
+            "{}: a gRPC probe with service {service:?}",
             head.place
         );
     }
-    assert!(head.contains("preStop:"), "{}: a preStop hook", head.place);
+    assert!(head.has_key("preStop"), "{}: a preStop hook", head.place);
 
     let grace = seconds(
         &head
@@ -438,11 +513,17 @@ fn kubernetes_heads_advertise_the_pod_ip_probe_health_and_outlast_their_drain() 
     let shutdown = head
         .env_value("TETHER_SHUTDOWN_TIMEOUT")
         .map_or_else(default_shutdown_timeout, |v| seconds(&v));
+    // preStop's `command: ["sleep", "N"]`.
     let pre_stop = head
-        .lines
-        .iter()
-        .find_map(|l| l.split("[\"sleep\", \"").nth(1))
-        .map_or(0.0, |n| seconds(n.trim_end_matches("\"]")));
+        .nodes()
+        .into_iter()
+        .find_map(|(k, v)| match (k.and_then(|k| k.as_str()), v.as_vec()) {
+            (Some("command"), Some(c)) if c.first().and_then(Yaml::as_str) == Some("sleep") => {
+                c.get(1).and_then(scalar)
+            }
+            _ => None,
+        })
+        .map_or(0.0, |n| seconds(&n));
     assert!(
         grace > pre_stop + drain + shutdown,
         "{}: terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop} s + drain {drain} s + shutdown {shutdown} s",
@@ -455,13 +536,13 @@ fn kubernetes_heads_advertise_the_pod_ip_probe_health_and_outlast_their_drain() 
         Some("$(POD_IP):7071")
     );
     assert!(
-        worker.contains("service: tether.v1.WorkerService"),
+        worker.has("service", "tether.v1.WorkerService"),
         "{}: readiness on WorkerService",
         worker.place
     );
     // Least privilege: workers find heads through them, never Redis.
     assert!(
-        !worker.contains("REDIS") && !worker.contains("redis"),
+        !worker.mentions("REDIS") && !worker.mentions("redis"),
         "{}: workers must get no Redis address or password",
         worker.place
     );
@@ -477,7 +558,7 @@ fn kubernetes_heads_advertise_the_pod_ip_probe_health_and_outlast_their_drain() 
             panic!("workers bootstrap from {heads}, but no Service {service} exists")
         });
     assert!(
-        peers.contains("clusterIP: None"),
+        peers.has("clusterIP", "None"),
         "{}: {service} must be headless so its name resolves to every head",
         peers.place
     );
@@ -520,30 +601,32 @@ fn compose_heads_outlast_their_drain_and_workers_can_scale() {
             .expect("TETHER_ADVERTISE");
         let host = advertise.split(':').next().unwrap();
         assert!(
-            head.contains(&format!("aliases: [{host}]")),
+            head.lists("aliases", host),
             "{name} advertises {advertise}, but has no network alias {host}"
         );
     }
     // `--scale worker=N` needs replicas without fixed names, ids or ports.
     let worker = part("worker");
-    for fixed in ["container_name:", "hostname:", "ports:", "TETHER_ID"] {
+    for fixed in ["container_name", "hostname", "ports"] {
         assert!(
-            !worker.contains(fixed),
+            !worker.has_key(fixed),
             "the worker service sets {fixed}, so it cannot scale"
         );
     }
+    assert!(
+        !worker.mentions("TETHER_ID"),
+        "the worker service sets TETHER_ID, so it cannot scale"
+    );
     // Least privilege: workers reach heads only, never Redis.
     assert!(
-        !worker.contains("REDIS") && !worker.contains("- registry"),
+        !worker.mentions("REDIS") && !worker.lists("networks", "registry"),
         "the worker service gets a Redis address or the registry network"
     );
     let heads = worker.env_value("TETHER_HEADS").expect("TETHER_HEADS");
     for entry in heads.split(',') {
         let host = entry.split(':').next().unwrap();
         assert!(
-            parts
-                .iter()
-                .any(|p| p.contains(&format!("aliases: [{host}]"))),
+            parts.iter().any(|p| p.lists("aliases", host)),
             "workers bootstrap from {entry}, which no head has as an alias"
         );
     }
