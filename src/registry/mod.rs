@@ -77,6 +77,35 @@ pub enum RegistryError {
     Protocol(String),
 }
 
+impl RegistryError {
+    /// Whether the same call may succeed if made again later, unchanged.
+    ///
+    /// - `Unavailable`: yes; Redis was unreachable or slow, which passes
+    ///   (a restart, a failover, a partition that heals), and refused
+    ///   credentials, which an operator fixes without a restart of ours.
+    /// - `NoLease`: yes; the head's lease loop registers it again within
+    ///   one heartbeat interval.
+    /// - `Draining`, `Full`, `AtCapacity`: no; this head refuses the worker
+    ///   and keeps refusing until its load changes or for good (a draining
+    ///   head adopts no one again): ask another head.
+    /// - `Held`, `LeaseHeldElsewhere`: no; another process holds the id,
+    ///   which is a configuration fault (ids must be unique), not a
+    ///   passing one.
+    /// - `Protocol`: no; Redis answered something this version does not
+    ///   understand, and will answer the same.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Unavailable { .. } | Self::NoLease => true,
+            Self::Draining
+            | Self::Full { .. }
+            | Self::AtCapacity { .. }
+            | Self::Held { .. }
+            | Self::LeaseHeldElsewhere { .. }
+            | Self::Protocol(_) => false,
+        }
+    }
+}
+
 /// A result of a registry call.
 pub type Result<T> = std::result::Result<T, RegistryError>;
 
@@ -741,4 +770,39 @@ fn text(v: &redis::Value) -> Result<String> {
 
 fn number(v: &redis::Value) -> Result<u64> {
     redis::from_redis_value_ref::<u64>(v).map_err(|e| RegistryError::Protocol(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_passing_faults_are_retryable() {
+        let unavailable = RegistryError::Unavailable {
+            at: "redis://h:6379".into(),
+            cause: "connection refused".into(),
+        };
+        assert!(unavailable.is_retryable());
+        assert!(RegistryError::NoLease.is_retryable());
+        for e in [
+            RegistryError::Draining,
+            RegistryError::Full { load: 3, bound: 3 },
+            RegistryError::AtCapacity {
+                load: 5,
+                capacity: 5,
+            },
+            RegistryError::Held {
+                head: "h".into(),
+                head_addr: "a".into(),
+                worker_addr: "w".into(),
+            },
+            RegistryError::LeaseHeldElsewhere {
+                addr: "a".into(),
+                pttl_ms: 100,
+            },
+            RegistryError::Protocol("?".into()),
+        ] {
+            assert!(!e.is_retryable(), "{e:?}");
+        }
+    }
 }
