@@ -234,24 +234,35 @@ impl ConnectionLike for AnyConn {
 /// A topology's pools plus what it takes to follow it.
 ///
 /// Operations share one multiplexed connection, which pipelines concurrent
-/// commands on one socket. A pool hands out a connection only after a
-/// PING round trip (deadpool-redis checks every connection it recycles):
+/// commands on one socket, so a pool of them would buy little. Checking a connection out of a deadpool-redis pool per call
+/// costs a PING round trip (its recycle check runs at every checkout):
 /// that doubled the round trips of every registry call and made up a
-/// quarter of a head's Redis commands. The pool now only makes and checks
-/// new connections; a connection that fails is dropped
-/// ([`Backend::invalidate`]) and the next call makes a new one.
+/// quarter of a head's Redis commands. So the pool holds one connection at
+/// most and serves only to make it (with its create timeout, and for
+/// Cluster and Sentinel its topology handling); the connection is taken
+/// out of it and shared. A connection that fails is dropped
+/// ([`Backend::invalidate`]) and the next call makes a new one, one at a
+/// time (`connecting`).
 ///
-/// Under Sentinel,
-/// the current master is checked at most every 250 ms, and a change
-/// replaces the pool at once. (A demoted master keeps accepting writes for
-/// seconds after a planned failover; pooled connections alone would keep
-/// writing to it.)
+/// Under Sentinel, the current master is checked at most every 250 ms, on
+/// one long-lived connection to a sentinel (a new one only when it fails),
+/// and a change replaces the pool at once. (A demoted master keeps
+/// accepting writes for seconds after a planned failover; pooled
+/// connections alone would keep writing to it.)
 pub struct Backend {
     topology: Topology,
     pool_config: PoolConfig,
     pools: RwLock<Pools>,
     /// The connection every operation shares, once made.
     shared: Mutex<Option<AnyConn>>,
+    /// Held while the shared connection is being made, so that concurrent
+    /// calls after a failure wait for one new connection instead of each
+    /// making their own.
+    connecting: tokio::sync::Mutex<()>,
+    /// The connection to the sentinel that answered last: asking where the
+    /// master is four times a second must not open a TCP connection each
+    /// time. Dropped when it fails; the next check tries every sentinel.
+    sentinel: Mutex<Option<redis::aio::MultiplexedConnection>>,
     /// The master address last seen, and when it was checked.
     master: Mutex<(Option<String>, Option<Instant>)>,
     /// Bumped when the master changes, so subscribers reconnect.
@@ -266,13 +277,17 @@ const MASTER_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 impl Backend {
     /// Pools for `topology`.
-    pub fn new(topology: Topology, pool_config: PoolConfig) -> Result<Self, String> {
+    pub fn new(topology: Topology, mut pool_config: PoolConfig) -> Result<Self, String> {
+        // The one shared connection (see above).
+        pool_config.max_size = 1;
         let pools = Pools::new(&topology, pool_config)?;
         Ok(Self {
             topology,
             pool_config,
             pools: RwLock::new(pools),
             shared: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            sentinel: Mutex::new(None),
             master: Mutex::new((None, None)),
             generation: watch::Sender::new(0),
             next_node: AtomicUsize::new(0),
@@ -285,17 +300,22 @@ impl Backend {
         if matches!(self.topology, Topology::Sentinel { .. }) {
             self.follow_master().await;
         }
-        if let Some(c) = self
-            .shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        let shared = || {
+            self.shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        };
+        if let Some(c) = shared() {
+            return Ok(c);
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        // Made by the call this one waited for.
+        if let Some(c) = shared() {
             return Ok(c);
         }
         let pools = self.pools.read().unwrap_or_else(|e| e.into_inner()).clone();
         let conn = pools.connect().await?;
-        // Concurrent first calls may each make one; the last one stays.
         *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         Ok(conn)
     }
@@ -322,10 +342,17 @@ impl Backend {
             m.1 = Some(Instant::now());
             m.0.clone()
         };
-        let Ok(Ok(addr)) =
-            tokio::time::timeout(Duration::from_millis(500), self.ask_master()).await
-        else {
-            return;
+        let addr = match tokio::time::timeout(Duration::from_millis(500), self.ask_master()).await {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                // A sentinel that hangs: try them all next time.
+                self.sentinel
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                return;
+            }
         };
         if known.as_deref() == Some(addr.as_str()) {
             return;
@@ -342,7 +369,9 @@ impl Backend {
         self.master.lock().unwrap_or_else(|e| e.into_inner()).0 = Some(addr);
     }
 
-    /// `host:port` of the master, from the first sentinel that answers.
+    /// `host:port` of the master: from the sentinel that answered last,
+    /// on its open connection, or else from the first sentinel that
+    /// answers.
     async fn ask_master(&self) -> redis::RedisResult<String> {
         let Topology::Sentinel { sentinels, master } = &self.topology else {
             return Err(redis::RedisError::from((
@@ -350,20 +379,43 @@ impl Backend {
                 "not under Sentinel",
             )));
         };
+        let ask = |mut conn: redis::aio::MultiplexedConnection| async move {
+            let (host, port): (String, u16) = redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(master)
+                .query_async(&mut conn)
+                .await?;
+            Ok::<_, redis::RedisError>(format!("{host}:{port}"))
+        };
+        let open = self
+            .sentinel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(conn) = open {
+            match ask(conn).await {
+                Ok(a) => return Ok(a),
+                Err(_) => {
+                    self.sentinel
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take();
+                }
+            }
+        }
         let mut last = None;
         for s in sentinels {
             let attempt = async {
                 let client = redis::Client::open(s.as_str())?;
-                let mut conn = client.get_multiplexed_async_connection().await?;
-                let (host, port): (String, u16) = redis::cmd("SENTINEL")
-                    .arg("get-master-addr-by-name")
-                    .arg(master)
-                    .query_async(&mut conn)
-                    .await?;
-                Ok(format!("{host}:{port}"))
+                let conn = client.get_multiplexed_async_connection().await?;
+                let addr = ask(conn.clone()).await?;
+                Ok::<_, redis::RedisError>((addr, conn))
             };
             match attempt.await {
-                Ok(a) => return Ok(a),
+                Ok((a, conn)) => {
+                    *self.sentinel.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+                    return Ok(a);
+                }
                 Err(e) => last = Some(e),
             }
         }

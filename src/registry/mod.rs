@@ -316,11 +316,17 @@ pub fn now_ms() -> i64 {
 impl Registry {
     /// A registry on `url` under `namespace`. Does not connect yet: the
     /// first call does, so a process may start before Redis.
+    ///
+    /// `pool_size` no longer changes anything: every call shares one
+    /// multiplexed connection (see `backend::Backend` for why). It stays
+    /// so that callers do not break, and goes at the next API change.
     pub fn new(url: &str, namespace: &str, pool_size: usize) -> Result<Self> {
+        let _ = pool_size;
         let op_timeout = Duration::from_secs(2);
         let topology = Topology::parse(url).map_err(RegistryError::Protocol)?;
         let pool = PoolConfig {
-            max_size: pool_size.max(1),
+            // One connection, shared (see `Backend`).
+            max_size: 1,
             timeouts: Timeouts {
                 wait: Some(op_timeout),
                 create: Some(op_timeout),
