@@ -1106,3 +1106,44 @@ async fn sentinel_master_crash_moves_no_worker_and_loses_no_assignment() {
 async fn sentinel_planned_failover_moves_no_worker_and_loses_no_assignment() {
     sentinel_failover_keeps_every_assignment(Failover::Demote).await;
 }
+
+/// The sentinel's count of connections it accepted so far.
+fn connections_received(node: &RedisNode) -> u64 {
+    let info = node.text(&["INFO", "stats"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no total_connections_received in INFO stats:\n{info}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_asks_sentinel_on_one_long_lived_connection() {
+    let scratch = Scratch::new("sentinel-connections");
+    let set = SentinelSet::start(&scratch);
+    let registry = tether::registry::Registry::new(&set.url(), "tether", 1).expect("registry");
+    // The first call connects: to the sentinel it then keeps, and once
+    // more to find the master for the shared data connection.
+    registry
+        .ping()
+        .await
+        .expect("the registry reaches the master");
+    let before = connections_received(&set.sentinel);
+    // Calls for 2 s: the registry checks the master at most every 250 ms,
+    // so about eight times.
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut calls = 0;
+    while Instant::now() < until {
+        registry
+            .ping()
+            .await
+            .expect("the registry reaches the master");
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // This read is one connection; before, each check opened one (8).
+    let opened = connections_received(&set.sentinel) - before;
+    assert!(
+        opened <= 2,
+        "{opened} connections to the sentinel during {calls} registry calls over 2 s (one long-lived one expected)"
+    );
+}
