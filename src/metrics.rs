@@ -325,9 +325,9 @@ pub fn routes(role: Role) -> Router {
 }
 
 /// Serves `routes` over HTTP/1.1 on `listener` until `shutdown`: at most
-/// [`MAX_CONNECTIONS`] connections, each given [`HEADER_TIMEOUT`] to send
-/// a request; requests still open at `shutdown` (the dashboard's event
-/// streams) get [`CLOSE_GRACE`] to end. Unknown paths answer 404.
+/// 64 connections, each given 5 s to send a request's headers; requests
+/// still open at `shutdown` (the dashboard's event streams) get 1 s to
+/// end. Unknown paths answer 404.
 pub async fn serve(listener: TcpListener, routes: Router, mut shutdown: Shutdown) {
     let routes = routes.fallback(|| async {
         (
