@@ -57,6 +57,12 @@ async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
     // 45 s for 5,000 on a loaded machine; more for a larger fleet.
     let attach_within = Duration::from_secs(45 * size.div_ceil(5000) as u64);
     let mut cluster = cluster();
+    // The dashboard's data at this size too (issue 15: summaries, workers
+    // in bounded pages).
+    let metrics = format!(
+        "127.0.0.1:{}",
+        ok(tether_testkit::localcluster::free_port())
+    );
     // Slow beats: 5,000 streams of a debug build on a shared machine.
     let head = ok(cluster.spawn_head(
         "head-0",
@@ -67,6 +73,8 @@ async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
             "10s",
             "--lease-ttl",
             "5s",
+            "--metrics-listen",
+            &metrics,
         ],
     ))
     .addr;
@@ -195,7 +203,55 @@ async fn status_and_list_workers_page_through_5000_workers_on_one_head() {
         &workers[..workers.len().min(2000)]
     );
     assert!(workers.contains(&format!("head-0: {size} workers")));
+
+    // The dashboard's JSON stays small: the heads summary, and workers in
+    // pages of at most 500 whatever is asked.
+    let started = Instant::now();
+    let (cluster_json, cluster_bytes) = http_json(&metrics, "/api/cluster").await;
+    let cluster_took = started.elapsed();
+    let heads = cluster_json["heads"].as_array().expect("heads");
+    assert_eq!(heads.len(), 1, "{cluster_json}");
+    assert_eq!(
+        heads[0]["load"].as_u64(),
+        Some(size as u64),
+        "{cluster_json}"
+    );
+    let started = Instant::now();
+    let (page, page_bytes) = http_json(&metrics, "/api/workers?head=head-0&limit=100000").await;
+    let page_took = started.elapsed();
+    let listed = page["workers"].as_array().expect("workers").len();
+    assert_eq!(listed, 500.min(size), "a dashboard page of {listed}");
+    assert_eq!(
+        page["next"].as_str().is_some_and(|n| !n.is_empty()),
+        size > 500
+    );
+    eprintln!(
+        "dashboard at {size} workers: /api/cluster {cluster_bytes} bytes in {cluster_took:?}; a page of {listed} workers {page_bytes} bytes in {page_took:?}"
+    );
     drop(fleet);
+}
+
+/// `GET path` on the HTTP server at `addr`; the body as JSON, and its size.
+async fn http_json(addr: &str, path: &str) -> (serde_json::Value, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes())
+        .await
+        .expect("request sent");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut raw))
+        .await
+        .unwrap_or_else(|_| panic!("GET {path}: no full answer within 30 s"))
+        .expect("answer read");
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    let value = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body:.200}"));
+    (value, body.len())
 }
 
 /// `n` workers `w-00000`... attached to the head at `addr` by hand
