@@ -14,9 +14,9 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use tether::pb::{EventKind, WatchEventsRequest};
+use tether::pb::EventKind;
 use tether::placement::load_bound;
-use tether_testkit::localcluster::{head_client, wait_serving, wait_until, Probe};
+use tether_testkit::localcluster::{wait_serving, wait_until, Probe};
 use tether_testkit::ONE_AT_A_TIME;
 
 /// The heads' default ε (`--balance-slack 0.25`), in thousandths.
@@ -247,11 +247,7 @@ async fn a_crashed_head_is_announced_gone_exactly_once_by_the_sweep_that_removes
     let _serial = ONE_AT_A_TIME.lock().await;
     let mut cluster = start_cluster(3, 0).await;
     let addr = cluster.process("head-0").expect("a head").addr;
-    let mut events = head_client(addr)
-        .watch_events(WatchEventsRequest {})
-        .await
-        .unwrap_or_else(|e| panic!("WatchEvents: {e}"))
-        .into_inner();
+    let mut events = watch_events(addr).await;
     ok(cluster.process_mut("head-2").expect("a head").kill());
     let killed_at = Instant::now();
 

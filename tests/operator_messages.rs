@@ -10,8 +10,8 @@ mod common;
 
 use common::*;
 use std::time::Duration;
-use tether::pb::{ClusterEvent, EventKind, WatchEventsRequest};
-use tether_testkit::localcluster::{head_client, wait_until};
+use tether::pb::{ClusterEvent, EventKind};
+use tether_testkit::localcluster::wait_until;
 use tonic::Streaming;
 
 use std::process::{Command, Stdio};
@@ -45,11 +45,7 @@ fn is(e: &ClusterEvent, kind: EventKind) -> bool {
 async fn a_drained_head_is_announced_gone_once_as_left_after_drain() {
     let mut cluster = start_cluster(3, 6).await;
     let addr = cluster.process("head-0").expect("a head").addr;
-    let mut events = head_client(addr)
-        .watch_events(WatchEventsRequest {})
-        .await
-        .unwrap_or_else(|e| panic!("WatchEvents: {e}"))
-        .into_inner();
+    let mut events = watch_events(addr).await;
 
     ok(cluster.process_mut("head-2").expect("a head").terminate());
     let (gone, seen) = read_until(&mut events, WITHIN, |e| {
@@ -92,11 +88,7 @@ async fn a_drained_head_is_announced_gone_once_as_left_after_drain() {
 async fn a_clean_exit_a_kill_and_a_silent_worker_are_told_apart() {
     let mut cluster = start_cluster(2, 3).await;
     let addr = cluster.process("head-0").expect("a head").addr;
-    let mut events = head_client(addr)
-        .watch_events(WatchEventsRequest {})
-        .await
-        .unwrap_or_else(|e| panic!("WatchEvents: {e}"))
-        .into_inner();
+    let mut events = watch_events(addr).await;
 
     let left_of = |worker: &'static str| {
         move |e: &ClusterEvent| is(e, EventKind::WorkerLeft) && e.worker_id == worker

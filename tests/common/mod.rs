@@ -399,3 +399,14 @@ pub fn string_set(
         other => panic!("{what} answered {other:?}"),
     }
 }
+
+/// The cluster's events as the head at `addr` streams them, from now on.
+pub async fn watch_events(addr: SocketAddr) -> tonic::Streaming<tether::pb::ClusterEvent> {
+    let mut client = tether_testkit::localcluster::head_client(addr);
+    let call = client.watch_events(tether::pb::WatchEventsRequest {});
+    tokio::time::timeout(START_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| panic!("WatchEvents at {addr}: no answer within {START_TIMEOUT:?}"))
+        .unwrap_or_else(|e| panic!("WatchEvents at {addr}: {e}"))
+        .into_inner()
+}
