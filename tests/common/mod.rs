@@ -18,7 +18,7 @@ use tether_testkit::localcluster::{wait_serving, wait_until, Binaries, Cluster, 
 
 #[allow(unused_imports)] // each test file uses some of them
 pub use tether_testkit::timings::{
-    HEAD_ARGS, HEAD_SERVICE, START_TIMEOUT, WORKER_ARGS, WORKER_SERVICE,
+    head_args, HEAD_ARGS, HEAD_SERVICE, START_TIMEOUT, WORKER_ARGS, WORKER_SERVICE,
 };
 
 /// The binaries Cargo built for this test run.
@@ -55,30 +55,6 @@ pub fn worker_id(i: usize) -> String {
 /// cluster is settled (see [`View::problems`]).
 pub async fn start_cluster(heads: usize, workers: usize) -> Cluster {
     start_cluster_with(heads, &[], workers).await
-}
-
-/// [`HEAD_ARGS`] with `extra` added; a flag of `extra` that
-/// [`HEAD_ARGS`] also sets replaces its value there (the binaries refuse
-/// a flag given twice).
-pub fn head_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args: Vec<&str> = HEAD_ARGS.to_vec();
-    let mut rest = Vec::new();
-    let mut i = 0;
-    while i < extra.len() {
-        let flag = extra[i];
-        match args.iter().position(|a| *a == flag) {
-            Some(at) if i + 1 < extra.len() => {
-                args[at + 1] = extra[i + 1];
-                i += 2;
-            }
-            _ => {
-                rest.push(flag);
-                i += 1;
-            }
-        }
-    }
-    args.extend(rest);
-    args
 }
 
 /// [`start_cluster`] with every head given [`head_args`]`(head_extra)`.

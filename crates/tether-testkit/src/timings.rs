@@ -31,3 +31,27 @@ pub const HEAD_SERVICE: &str = "tether.v1.HeadService";
 
 /// The readiness entry of a worker in health.
 pub const WORKER_SERVICE: &str = "tether.v1.WorkerService";
+
+/// [`HEAD_ARGS`] with `extra` added; a flag of `extra` that
+/// [`HEAD_ARGS`] also sets replaces its value there (the binaries refuse
+/// a flag given twice).
+pub fn head_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args: Vec<&str> = HEAD_ARGS.to_vec();
+    let mut rest = Vec::new();
+    let mut i = 0;
+    while i < extra.len() {
+        let flag = extra[i];
+        match args.iter().position(|a| *a == flag) {
+            Some(at) if i + 1 < extra.len() => {
+                args[at + 1] = extra[i + 1];
+                i += 2;
+            }
+            _ => {
+                rest.push(flag);
+                i += 1;
+            }
+        }
+    }
+    args.extend(rest);
+    args
+}
