@@ -115,7 +115,9 @@ pub struct Stream {
     redirect_pending: AtomicBool,
     /// Wakes the stream's response body, which has no task of its own, to
     /// act on `replaced` or `redirect`.
-    waker: Mutex<Option<Waker>>,
+    /// Lock-free: the body registers on every poll, twice a second per
+    /// worker.
+    waker: atomic_waker::AtomicWaker,
     /// When the head last redirected this worker ([`NEVER`] if it did
     /// not), so one worker is not asked again and again.
     redirected: AtomicU64,
@@ -163,18 +165,11 @@ impl Stream {
     /// Remembers the waker of the stream's body, woken by `close` and
     /// `redirect`.
     pub fn register(&self, waker: &Waker) {
-        let mut slot = self.waker.lock().unwrap_or_else(|e| e.into_inner());
-        match slot.as_ref() {
-            Some(w) if w.will_wake(waker) => {}
-            _ => *slot = Some(waker.clone()),
-        }
+        self.waker.register(waker);
     }
 
     fn wake(&self) {
-        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(w) = waker {
-            w.wake();
-        }
+        self.waker.wake();
     }
 
     /// When the worker was last redirected, if ever.
@@ -350,7 +345,7 @@ impl Attached {
             replaced: AtomicBool::new(false),
             redirect: Mutex::new(None),
             redirect_pending: AtomicBool::new(false),
-            waker: Mutex::new(None),
+            waker: atomic_waker::AtomicWaker::new(),
             redirected: AtomicU64::new(NEVER),
         });
         let old = self.lock().insert(worker_id, stream.clone());
