@@ -105,7 +105,10 @@ pub enum WorkerError {
     NoHeads,
     /// A setting breaks a rule; the message names it.
     #[error("invalid worker settings: {0}")]
-    Settings(String),
+    Settings(#[from] crate::config::ConfigError),
+    /// The connect timeout or the largest backoff is zero.
+    #[error("invalid worker settings: connect timeout and max backoff must be above zero")]
+    ZeroDuration,
 }
 
 /// Builds and starts a worker; see [`Worker::builder`].
@@ -182,14 +185,12 @@ impl WorkerBuilder {
     /// Checks the settings and starts the attach loop on the current tokio
     /// runtime.
     pub fn spawn(self) -> Result<WorkerHandle, WorkerError> {
-        crate::config::validate_id("worker id", &self.id).map_err(WorkerError::Settings)?;
+        crate::config::validate_id("worker id", &self.id)?;
         for h in &self.heads {
-            crate::config::parse_head_addr(h).map_err(WorkerError::Settings)?;
+            crate::config::parse_head_addr(h)?;
         }
         if self.connect_timeout.is_zero() || self.max_backoff.is_zero() {
-            return Err(WorkerError::Settings(
-                "connect timeout and max backoff must be above zero".to_owned(),
-            ));
+            return Err(WorkerError::ZeroDuration);
         }
         let mut sources = Vec::new();
         if !self.heads.is_empty() {

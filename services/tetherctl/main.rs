@@ -99,7 +99,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let args: Args = tether::config::parse_args("tetherctl");
-    let security = match args.registry.validate().and_then(|()| args.security.load()) {
+    let security = match args
+        .registry
+        .validate()
+        .map_err(String::from)
+        .and_then(|()| args.security.load())
+    {
         Ok(client) => client,
         Err(e) => {
             eprintln!("tetherctl: invalid configuration: {e}");
