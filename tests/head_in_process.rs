@@ -60,7 +60,7 @@ struct Running {
 }
 
 async fn serve(redis: &RedisServer, id: &str) -> Running {
-    let registry = Registry::new(&redis.url(), "tether", 4).expect("registry");
+    let registry = Registry::new(&redis.url(), "tether").expect("registry");
     let head = Head::builder(settings(id))
         .registry(registry)
         .build()
@@ -162,7 +162,7 @@ async fn a_drained_head_hands_its_worker_over_and_ends_with_ok() {
         .expect("no panic");
     assert!(exit.is_ok(), "a drained head ends with Ok: {exit:?}");
     // It left the registry on its way out.
-    let registry = Registry::new(&redis.url(), "tether", 1).expect("registry");
+    let registry = Registry::new(&redis.url(), "tether").expect("registry");
     let live: Vec<String> = registry
         .live_heads()
         .await
@@ -392,7 +392,7 @@ async fn a_worker_that_closes_its_stream_ends_cleanly_and_leaves_as_exited_clean
         "{left:?}"
     );
     // It released its assignment.
-    let registry = Registry::new(&redis.url(), "tether", 1).expect("registry");
+    let registry = Registry::new(&redis.url(), "tether").expect("registry");
     let held = registry
         .assignments_of("head-a")
         .await
@@ -421,7 +421,7 @@ async fn a_stream_replaced_by_a_newer_one_of_the_same_worker_gets_aborted() {
         .expect("a beat");
     assert_eq!(beat.epoch, assigned.epoch, "{beat:?}");
     second.beat().await;
-    let registry = Registry::new(&redis.url(), "tether", 1).expect("registry");
+    let registry = Registry::new(&redis.url(), "tether").expect("registry");
     let held = registry
         .assignments_of("head-a")
         .await
@@ -464,7 +464,7 @@ async fn a_worker_adopted_by_another_head_under_a_newer_epoch_is_fenced_off_the_
         .expect("head-b's stream is open")
         .expect("a beat");
     assert_eq!((beat.head_id.as_str(), beat.epoch), ("head-b", on_b.epoch));
-    let registry = Registry::new(&redis.url(), "tether", 1).expect("registry");
+    let registry = Registry::new(&redis.url(), "tether").expect("registry");
     let on_a_now = registry
         .assignments_of("head-a")
         .await
@@ -501,7 +501,7 @@ async fn attached_worker(
 /// Waits until the registry lists `head` as live and holds `worker` on it
 /// under `epoch`; says what it saw otherwise.
 async fn wait_registered(redis: &RedisServer, head: &str, worker: &str, epoch: u64, what: &str) {
-    let registry = Registry::new(&redis.url(), "tether", 1).expect("registry");
+    let registry = Registry::new(&redis.url(), "tether").expect("registry");
     let mut seen = String::new();
     let back = wait_until(STEP, Duration::from_millis(50), async || {
         let live = registry

@@ -13,7 +13,7 @@
 //! use tether::registry::Registry;
 //!
 //! let settings = HeadSettings::new("head-1").advertise("10.0.0.5:7070").validate()?;
-//! let registry = Registry::new("redis://127.0.0.1:6379", "tether", 16)?;
+//! let registry = Registry::new("redis://127.0.0.1:6379", "tether")?;
 //! let head = Head::builder(settings).registry(registry).build()?;
 //! let listener = tokio::net::TcpListener::bind("0.0.0.0:7070").await?;
 //! head.serve(listener, async {

@@ -137,7 +137,7 @@ struct Ctl {
 }
 
 async fn run(args: Args, security: ClientSecurity) -> Result<(), String> {
-    let registry = Registry::new(&args.registry.redis_url, &args.registry.namespace, 2)
+    let registry = Registry::new(&args.registry.redis_url, &args.registry.namespace)
         .map_err(|e| e.to_string())?;
     let ctl = Ctl {
         registry,

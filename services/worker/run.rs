@@ -47,7 +47,6 @@ pub async fn run(
         match Registry::new(
             &args.common.registry.redis_url,
             &args.common.registry.namespace,
-            2,
         ) {
             Ok(r) => worker = worker.registry(r),
             Err(e) => {
