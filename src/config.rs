@@ -44,7 +44,7 @@ pub enum ConfigError {
         /// Which id.
         what: String,
     },
-    /// An id over [`MAX_ID_LEN`] bytes.
+    /// An id over `MAX_ID_LEN` (128) bytes.
     #[error("{what} is {len} bytes long; the limit is {MAX_ID_LEN}")]
     IdTooLong {
         /// Which id.
@@ -79,7 +79,7 @@ pub enum ConfigError {
         /// The interval given.
         interval: Duration,
     },
-    /// A lease TTL under [`MIN_LEASE_INTERVALS`] heartbeat intervals.
+    /// A lease TTL under `MIN_LEASE_INTERVALS` (2.5) heartbeat intervals.
     #[error("--lease-ttl ({lease_ttl:?}) must be at least {MIN_LEASE_INTERVALS} x --heartbeat-interval ({interval:?}) = {least:?}: a head whose lease has run down past half counts as stale, so a shorter lease marks healthy heads stale between refreshes")]
     LeaseTtl {
         /// The TTL given.
