@@ -64,7 +64,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     let settings = HeadSettings::new(args.id.as_str()).validate()?;
-    let registry = Registry::new(&args.redis_url, "tether", 4)?;
+    let registry = Registry::new(&args.redis_url, "tether")?;
     let head = Head::builder(settings).registry(registry).build()?;
     println!("{} serving on {}", args.id, listener.local_addr()?);
     head.serve_with(

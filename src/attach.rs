@@ -96,43 +96,33 @@ enum Ended {
 }
 
 /// Why one head did not adopt the worker.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum Refusal {
     /// At its load bound: it may take the worker once every head refused
     /// (the worker then names all the others unavailable, which waives the
     /// bound).
+    #[error("{0}")]
     Bound(String),
     /// Cannot take the worker now: unreachable, answering under another
     /// id, at capacity, draining, unregistered. It does not count as live
     /// in the next heads' load bound.
+    #[error("{0}")]
     Unusable(String),
     /// Another process holds this worker id.
+    #[error("{0}")]
     Held(String),
 }
 
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refusal::Bound(m) | Refusal::Unusable(m) | Refusal::Held(m) => f.write_str(m),
-        }
-    }
-}
-
-/// Why one attempt to attach failed.
-#[derive(Debug)]
+/// Why one attempt to attach failed. Both are retried by the attach
+/// loop, at different paces, so neither carries `is_retryable`.
+#[derive(Debug, thiserror::Error)]
 enum AttachError {
     /// No head adopted the worker; the reasons, head by head.
+    #[error("{0}")]
     NoHead(String),
     /// Another process holds this worker id: retry slowly.
+    #[error("{0}")]
     Held(String),
-}
-
-impl std::fmt::Display for AttachError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AttachError::NoHead(m) | AttachError::Held(m) => f.write_str(m),
-        }
-    }
 }
 
 /// The metadata key a head sets on a RESOURCE_EXHAUSTED refusal, saying

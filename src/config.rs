@@ -4,56 +4,156 @@
 
 use std::time::Duration;
 
+/// Why a flag or setting is refused. The message is the one line a user
+/// sees before the process exits (`NAME: invalid configuration: ...`), and
+/// names what to fix; the variant lets a caller tell the cases apart.
+/// Configuration does not get better by retrying: none of these is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A duration written as a bare number.
+    #[error("'{0}' has no unit; write e.g. 500ms, 2s or 1m")]
+    DurationWithoutUnit(String),
+    /// A duration with spaces in it (`3 s`, `1m 30s`).
+    #[error("'{0}' is not a duration; write e.g. 500ms, 2s or 1m, without spaces")]
+    DurationWithSpaces(String),
+    /// A duration whose unit is not one of ms, s, m, h (and humantime's).
+    #[error("'{text}' has unknown unit '{unit}'; use ms, s, m or h")]
+    DurationUnknownUnit {
+        /// The duration as written.
+        text: String,
+        /// The unit that was not understood.
+        unit: String,
+    },
+    /// Not a duration at all.
+    #[error("'{0}' is not a duration; write e.g. 500ms, 2s or 1m")]
+    NotADuration(String),
+    /// A duration over a year.
+    #[error("'{0}' is out of range")]
+    DurationOutOfRange(String),
+    /// A duration under the flag's minimum of a second.
+    #[error("'{0}' is too short; the minimum is 1s")]
+    DurationUnderASecond(String),
+    /// A Redis URL that does not parse; the message never repeats the URL,
+    /// which may hold a password.
+    #[error("{0}")]
+    RedisUrl(String),
+    /// An empty id; `what` names the id (`worker_id`, `namespace`, ...).
+    #[error("{what} is empty")]
+    IdEmpty {
+        /// Which id.
+        what: String,
+    },
+    /// An id over `MAX_ID_LEN` (128) bytes.
+    #[error("{what} is {len} bytes long; the limit is {MAX_ID_LEN}")]
+    IdTooLong {
+        /// Which id.
+        what: String,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// An id with a control or whitespace character.
+    #[error("{what} holds a non-printable character ({character:?})")]
+    IdNotPrintable {
+        /// Which id.
+        what: String,
+        /// The first such character.
+        character: char,
+    },
+    /// A namespace with a brace, which would break the hash tag.
+    #[error("namespace must not contain '{{' or '}}'")]
+    NamespaceBrace,
+    /// A `--heads` entry that is not host:port.
+    #[error("{0:?} is not host:port (for example head-1.example:7070 or 10.0.0.5:7070)")]
+    HeadAddr(String),
+    /// A heartbeat interval of 0.
+    #[error("--heartbeat-interval must be larger than 0")]
+    ZeroHeartbeatInterval,
+    /// A heartbeat timeout that leaves no room for a late beat.
+    #[error(
+        "--heartbeat-timeout ({timeout:?}) must be larger than --heartbeat-interval ({interval:?})"
+    )]
+    HeartbeatTimeout {
+        /// The timeout given.
+        timeout: Duration,
+        /// The interval given.
+        interval: Duration,
+    },
+    /// A lease TTL under `MIN_LEASE_INTERVALS` (2.5) heartbeat intervals.
+    #[error("--lease-ttl ({lease_ttl:?}) must be at least {MIN_LEASE_INTERVALS} x --heartbeat-interval ({interval:?}) = {least:?}: a head whose lease has run down past half counts as stale, so a shorter lease marks healthy heads stale between refreshes")]
+    LeaseTtl {
+        /// The TTL given.
+        lease_ttl: Duration,
+        /// The interval given.
+        interval: Duration,
+        /// The shortest TTL that interval allows.
+        least: Duration,
+    },
+}
+
+/// For callers that report errors as text (clap, `tonic::Status`, the
+/// bench's `Result<_, String>`): the same message.
+impl From<ConfigError> for String {
+    fn from(e: ConfigError) -> Self {
+        e.to_string()
+    }
+}
+
 /// Parses durations written like `500ms`, `2s`, `1m` or `1.5s` (with
 /// humantime, without spaces), up to a year.
 ///
 /// A bare number is rejected on purpose: `--lease-ttl 3` is ambiguous.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
     let text = text.trim();
     if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == '.') {
-        return Err(format!("'{text}' has no unit; write e.g. 500ms, 2s or 1m"));
+        return Err(ConfigError::DurationWithoutUnit(text.to_owned()));
     }
     // One number and its unit, written together, as always: humantime
     // alone would also take "3 s" and "1m 30s".
     if text.contains(char::is_whitespace) {
-        return Err(format!(
-            "'{text}' is not a duration; write e.g. 500ms, 2s or 1m, without spaces"
-        ));
+        return Err(ConfigError::DurationWithSpaces(text.to_owned()));
     }
     let d = humantime::parse_duration(text).map_err(|e| match e {
-        humantime::DurationError::UnknownUnit { unit, .. } => {
-            format!("'{text}' has unknown unit '{unit}'; use ms, s, m or h")
-        }
-        _ => format!("'{text}' is not a duration; write e.g. 500ms, 2s or 1m"),
+        humantime::DurationError::UnknownUnit { unit, .. } => ConfigError::DurationUnknownUnit {
+            text: text.to_owned(),
+            unit,
+        },
+        _ => ConfigError::NotADuration(text.to_owned()),
     })?;
     if d > Duration::from_secs(86_400 * 365) {
-        return Err(format!("'{text}' is out of range"));
+        return Err(ConfigError::DurationOutOfRange(text.to_owned()));
     }
     Ok(d)
 }
 
 /// Checks that a Redis URL parses, without connecting. The error never
 /// repeats the URL, which may hold a password.
-pub fn parse_redis_url(text: &str) -> Result<String, String> {
-    crate::registry::Topology::parse(text).map(|_| text.to_owned())
+pub fn parse_redis_url(text: &str) -> Result<String, ConfigError> {
+    crate::registry::Topology::parse(text)
+        .map(|_| text.to_owned())
+        .map_err(ConfigError::RedisUrl)
 }
 
 /// The longest id a worker or head may have, in bytes.
 pub const MAX_ID_LEN: usize = 128;
 
 /// Why an id is refused. The message is what a caller needs to fix it.
-pub fn validate_id(what: &str, id: &str) -> Result<(), String> {
+pub fn validate_id(what: &str, id: &str) -> Result<(), ConfigError> {
+    let what = || what.to_owned();
     if id.is_empty() {
-        return Err(format!("{what} is empty"));
+        return Err(ConfigError::IdEmpty { what: what() });
     }
     if id.len() > MAX_ID_LEN {
-        return Err(format!(
-            "{what} is {} bytes long; the limit is {MAX_ID_LEN}",
-            id.len()
-        ));
+        return Err(ConfigError::IdTooLong {
+            what: what(),
+            len: id.len(),
+        });
     }
-    if let Some(c) = id.chars().find(|c| c.is_control() || c.is_whitespace()) {
-        return Err(format!("{what} holds a non-printable character ({:?})", c));
+    if let Some(character) = id.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ConfigError::IdNotPrintable {
+            what: what(),
+            character,
+        });
     }
     Ok(())
 }
@@ -70,15 +170,15 @@ pub struct Timing {
 impl Timing {
     /// The timeout must leave room for at least one late beat, or every
     /// jitter on the wire would look like a failure.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.heartbeat_interval.is_zero() {
-            return Err("--heartbeat-interval must be larger than 0".into());
+            return Err(ConfigError::ZeroHeartbeatInterval);
         }
         if self.heartbeat_timeout <= self.heartbeat_interval {
-            return Err(format!(
-                "--heartbeat-timeout ({:?}) must be larger than --heartbeat-interval ({:?})",
-                self.heartbeat_timeout, self.heartbeat_interval
-            ));
+            return Err(ConfigError::HeartbeatTimeout {
+                timeout: self.heartbeat_timeout,
+                interval: self.heartbeat_interval,
+            });
         }
         Ok(())
     }
@@ -97,21 +197,22 @@ pub const MIN_LEASE_INTERVALS: f64 = 2.5;
 
 /// Checks `--lease-ttl` against `--heartbeat-interval`; see
 /// [`MIN_LEASE_INTERVALS`].
-pub fn check_lease_ttl(lease_ttl: Duration, interval: Duration) -> Result<(), String> {
+pub fn check_lease_ttl(lease_ttl: Duration, interval: Duration) -> Result<(), ConfigError> {
     let least = interval.mul_f64(MIN_LEASE_INTERVALS);
     if lease_ttl < least {
-        return Err(format!(
-            "--lease-ttl ({lease_ttl:?}) must be at least {MIN_LEASE_INTERVALS} x --heartbeat-interval ({interval:?}) = {least:?}: a head whose lease has run down past half counts as stale, so a shorter lease marks healthy heads stale between refreshes"
-        ));
+        return Err(ConfigError::LeaseTtl {
+            lease_ttl,
+            interval,
+            least,
+        });
     }
     Ok(())
 }
 
 /// Checks one `--heads` entry: `host:port`, a DNS name or an IP address
 /// (IPv6 in brackets) and a port from 1 to 65535, without a scheme.
-pub fn parse_head_addr(text: &str) -> Result<String, String> {
-    let bad =
-        || format!("{text:?} is not host:port (for example head-1.example:7070 or 10.0.0.5:7070)");
+pub fn parse_head_addr(text: &str) -> Result<String, ConfigError> {
+    let bad = || ConfigError::HeadAddr(text.to_owned());
     let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
     let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
     let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
@@ -200,8 +301,18 @@ mod tests {
         );
         assert!(parse_idle_connection_timeout("500ms").is_err());
         assert!(parse_idle_connection_timeout("0s").is_err());
-        assert!(parse_duration("3").unwrap_err().contains("no unit"));
-        assert!(parse_duration("3x").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("3")
+            .unwrap_err()
+            .to_string()
+            .contains("no unit"));
+        assert_eq!(
+            parse_duration("3x").unwrap_err().to_string(),
+            "'3x' has unknown unit 'x'; use ms, s, m or h"
+        );
+        assert!(matches!(
+            parse_duration("3 s"),
+            Err(ConfigError::DurationWithSpaces(_))
+        ));
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("1e400s").is_err());
@@ -211,20 +322,33 @@ mod tests {
     #[test]
     fn ids_are_checked() {
         assert!(validate_id("worker_id", "w-1").is_ok());
-        assert!(validate_id("worker_id", "").unwrap_err().contains("empty"));
-        assert!(validate_id("worker_id", &"x".repeat(129))
-            .unwrap_err()
-            .contains("129 bytes"));
-        assert!(validate_id("worker_id", "a\u{7}b")
-            .unwrap_err()
-            .contains("non-printable"));
+        assert_eq!(
+            validate_id("worker_id", "").unwrap_err().to_string(),
+            "worker_id is empty"
+        );
+        assert_eq!(
+            validate_id("worker_id", &"x".repeat(129))
+                .unwrap_err()
+                .to_string(),
+            "worker_id is 129 bytes long; the limit is 128"
+        );
+        assert_eq!(
+            validate_id("worker_id", "a\u{7}b").unwrap_err().to_string(),
+            "worker_id holds a non-printable character ('\\u{7}')"
+        );
+        assert_eq!(
+            parse_namespace("a{b").unwrap_err().to_string(),
+            "namespace must not contain '{' or '}'"
+        );
         assert!(validate_id("worker_id", "a b").is_err());
     }
 
     #[test]
     fn redis_urls_are_checked_without_echoing_them() {
         assert!(parse_redis_url("redis://127.0.0.1:6379").is_ok());
-        let err = parse_redis_url("http://user:secret@host").unwrap_err();
+        let err = parse_redis_url("http://user:secret@host")
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("secret"), "{err}");
     }
 
@@ -234,7 +358,7 @@ mod tests {
         assert!(check_lease_ttl(s(3), s(1)).is_ok());
         assert!(check_lease_ttl(Duration::from_millis(2500), s(1)).is_ok());
         assert!(check_lease_ttl(Duration::from_millis(1), Duration::ZERO).is_ok());
-        let err = check_lease_ttl(s(2), s(1)).unwrap_err();
+        let err = check_lease_ttl(s(2), s(1)).unwrap_err().to_string();
         assert!(
             err.starts_with(
                 "--lease-ttl (2s) must be at least 2.5 x --heartbeat-interval (1s) = 2.5s"
@@ -249,7 +373,10 @@ mod tests {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(1),
         };
-        assert!(t.validate().is_err());
+        assert_eq!(
+            t.validate().unwrap_err().to_string(),
+            "--heartbeat-timeout (1s) must be larger than --heartbeat-interval (1s)"
+        );
     }
 }
 
@@ -280,7 +407,7 @@ pub struct RegistryArgs {
 
 impl RegistryArgs {
     /// Checks the URL; the error never repeats it.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         parse_redis_url(&self.redis_url).map(|_| ())
     }
 }
@@ -393,26 +520,26 @@ impl CommonArgs {
 
 /// `--idle-connection-timeout`: a duration of at least a second (shorter
 /// would close connections between the calls of a busy client).
-pub fn parse_idle_connection_timeout(text: &str) -> Result<Duration, String> {
+pub fn parse_idle_connection_timeout(text: &str) -> Result<Duration, ConfigError> {
     let d = parse_duration(text)?;
     if d < Duration::from_secs(1) {
-        return Err(format!("'{text}' is too short; the minimum is 1s"));
+        return Err(ConfigError::DurationUnderASecond(text.to_owned()));
     }
     Ok(d)
 }
 
 /// A namespace is an id that must not hold braces, which would break the
 /// hash tag.
-pub fn parse_namespace(text: &str) -> Result<String, String> {
+pub fn parse_namespace(text: &str) -> Result<String, ConfigError> {
     validate_id("namespace", text)?;
     if text.contains(['{', '}']) {
-        return Err("namespace must not contain '{' or '}'".into());
+        return Err(ConfigError::NamespaceBrace);
     }
     Ok(text.to_owned())
 }
 
 /// Parses an id given on the command line.
-pub fn parse_id(text: &str) -> Result<String, String> {
+pub fn parse_id(text: &str) -> Result<String, ConfigError> {
     validate_id("id", text).map(|_| text.to_owned())
 }
 

@@ -1,12 +1,15 @@
 //! Prometheus metrics: a few counters, gauges and histograms kept in
-//! atomics (no lock, no allocation on the beat path), rendered in the text
-//! exposition format at `GET /metrics` on the metrics port
-//! (`--metrics-listen`). The port's HTTP server lives here too (axum's
-//! router on hyper, bounded in connections and time), because a head also
-//! serves its dashboard there.
+//! atomics (no lock, no allocation on the beat path), exposed in the
+//! OpenMetrics text format by `prometheus-client` at `GET /metrics` on the
+//! metrics port (`--metrics-listen`). The port's HTTP server lives here
+//! too (axum's router on hyper, bounded in connections and time), because
+//! a head also serves its dashboard there.
 //!
 //! One process-wide set: a process is either a head or a worker (or a
-//! benchmark simulating many workers, which then sees their sum).
+//! benchmark simulating many workers, which then sees their sum). The
+//! counters and gauges are `prometheus-client`'s own (atomics); the
+//! histograms are ours, a fixed array of atomic buckets, because the
+//! crate's histogram takes a lock per observation.
 
 use crate::backoff::Backoff;
 use crate::shutdown::Shutdown;
@@ -16,55 +19,51 @@ use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::{counter, gauge, MetricType};
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-/// A monotonically increasing count.
-#[derive(Debug)]
-pub struct Counter(AtomicU64);
+/// A monotonically increasing count (`prometheus-client`'s, an atomic).
+#[derive(Debug, Default)]
+pub struct Counter(counter::Counter);
 
 impl Counter {
-    const fn new() -> Self {
-        Self(AtomicU64::new(0))
-    }
     /// Adds one.
     pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.inc();
     }
     /// Adds `n`.
     pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
+        self.0.inc_by(n);
     }
     /// The current value.
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
     }
 }
 
-/// A value that goes up and down.
-#[derive(Debug)]
-pub struct Gauge(AtomicI64);
+/// A value that goes up and down (`prometheus-client`'s, an atomic).
+#[derive(Debug, Default)]
+pub struct Gauge(gauge::Gauge);
 
 impl Gauge {
-    const fn new() -> Self {
-        Self(AtomicI64::new(0))
-    }
     /// Sets the value.
     pub fn set(&self, v: i64) {
-        self.0.store(v, Ordering::Relaxed);
+        self.0.set(v);
     }
     /// Adds `d` (may be negative).
     pub fn add(&self, d: i64) {
-        self.0.fetch_add(d, Ordering::Relaxed);
+        self.0.inc_by(d);
     }
     /// The current value.
     pub fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
     }
 }
 
@@ -74,50 +73,62 @@ pub const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
-/// A latency histogram over [`BUCKETS`].
-#[derive(Debug)]
-pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
+/// A latency histogram over [`BUCKETS`]: atomics only, so observing takes
+/// no lock (`prometheus-client`'s histogram locks). Clones share the
+/// counts, as the crate's metrics do, so that the exposition registry
+/// holds one.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram(Arc<HistogramCounts>);
+
+/// What a [`Histogram`] counts.
+#[derive(Debug, Default)]
+struct HistogramCounts {
+    /// Per bucket (not cumulative); the last one is over 10 s (`+Inf`).
+    buckets: [AtomicU64; BUCKETS.len() + 1],
     count: AtomicU64,
+    /// Microseconds: an integer, so that it adds up in one atomic.
     sum_micros: AtomicU64,
 }
 
 impl Histogram {
-    const fn new() -> Self {
-        Self {
-            buckets: [const { AtomicU64::new(0) }; BUCKETS.len()],
-            count: AtomicU64::new(0),
-            sum_micros: AtomicU64::new(0),
-        }
-    }
-
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        let h = &self.0;
+        h.buckets[i].fetch_add(1, Ordering::Relaxed);
+        h.count.fetch_add(1, Ordering::Relaxed);
+        h.sum_micros
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// How many observations were recorded.
     pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        self.0.count.load(Ordering::Relaxed)
+    }
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let h = &self.0;
+        // The encoder sums the buckets up and writes `f64::MAX` as `+Inf`.
+        let mut buckets = [(0.0, 0); BUCKETS.len() + 1];
+        for (i, b) in buckets.iter_mut().enumerate() {
+            let bound = BUCKETS.get(i).copied().unwrap_or(f64::MAX);
+            *b = (bound, h.buckets[i].load(Ordering::Relaxed));
+        }
+        // Count as the buckets' sum, so that `+Inf` and `_count` agree
+        // even while observations land during the scrape.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
@@ -130,8 +141,28 @@ pub const REASONS: [&str; 5] = [
     "rebalance",
 ];
 
-/// Every metric Tether keeps.
+/// One counter per reason, as the family `{reason="..."}`: an array, so
+/// that counting one is an index and an atomic add (a `Family` would look
+/// the label set up in a locked map), written in [`REASONS`]' order.
 #[derive(Debug)]
+struct ByReason([counter::Counter; 5]);
+
+impl EncodeMetric for ByReason {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (reason, counter) in REASONS.iter().zip(&self.0) {
+            let labels = [("reason", *reason)];
+            counter.encode(encoder.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// Every metric Tether keeps.
+#[derive(Debug, Default)]
 pub struct Metrics {
     /// Heads: live heads in the registry, as last read.
     pub heads_live: Gauge,
@@ -165,21 +196,7 @@ pub struct Metrics {
 }
 
 /// The process-wide metrics.
-pub static METRICS: Metrics = Metrics {
-    heads_live: Gauge::new(),
-    workers_attached: Gauge::new(),
-    beats_sent: Counter::new(),
-    beats_received: Counter::new(),
-    missed_beats: Counter::new(),
-    reassignments: [const { Counter::new() }; 5],
-    failover: Histogram::new(),
-    handoff: Histogram::new(),
-    redis_errors: Counter::new(),
-    redis_latency: Histogram::new(),
-    fence_unparsable: Counter::new(),
-    streams_denied: Counter::new(),
-    adoptions_expired: Counter::new(),
-};
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
 
 /// Which process renders: a head and a worker expose different sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,113 +207,115 @@ pub enum Role {
     Worker,
 }
 
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-    );
-}
-
-fn gauge(out: &mut String, name: &str, help: &str, value: i64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-    );
-}
-
-/// The metrics in Prometheus text format.
-pub fn render(role: Role) -> String {
-    let m = &METRICS;
-    let mut out = String::with_capacity(4096);
+/// The exposition of `role`: the process-wide metrics (shared, not
+/// copied: `prometheus-client`'s metrics are handles to their atomics)
+/// under their Prometheus names. A counter's `_total` suffix is added by
+/// the encoder, as is the period that ends each help text.
+fn registry(role: Role) -> Registry {
+    let m = &*METRICS;
+    let mut r = Registry::default();
     match role {
         Role::Head => {
-            gauge(
-                &mut out,
+            r.register(
                 "tether_heads_live",
-                "Live heads in the registry, as this head last read it.",
-                m.heads_live.get(),
+                "Live heads in the registry, as this head last read it",
+                m.heads_live.0.clone(),
             );
-            gauge(
-                &mut out,
+            r.register(
                 "tether_workers_attached",
-                "Workers whose heartbeat stream is open on this head.",
-                m.workers_attached.get(),
+                "Workers whose heartbeat stream is open on this head",
+                m.workers_attached.0.clone(),
             );
         }
         Role::Worker => {
-            gauge(
-                &mut out,
+            r.register(
                 "tether_worker_attached",
-                "1 while this worker is attached to a head.",
-                m.workers_attached.get(),
+                "1 while this worker is attached to a head",
+                m.workers_attached.0.clone(),
             );
         }
     }
-    counter(
-        &mut out,
-        "tether_beats_sent_total",
-        "Heartbeats sent.",
-        m.beats_sent.get(),
+    r.register(
+        "tether_beats_sent",
+        "Heartbeats sent",
+        m.beats_sent.0.clone(),
     );
-    counter(
-        &mut out,
-        "tether_beats_received_total",
-        "Heartbeats received.",
-        m.beats_received.get(),
+    r.register(
+        "tether_beats_received",
+        "Heartbeats received",
+        m.beats_received.0.clone(),
     );
-    counter(&mut out, "tether_missed_beats_total", "Head beats a worker expected and did not get (workers only: a head never drops a beat; a worker that stops reading stalls its own stream).", m.missed_beats.get());
-    let name = "tether_reassignments_total";
-    let _ = writeln!(out, "# HELP {name} Workers adopted (heads) or moves made (workers), by reason.\n# TYPE {name} counter");
-    for (i, reason) in REASONS.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{name}{{reason=\"{reason}\"}} {}",
-            m.reassignments[i].get()
-        );
-    }
+    r.register(
+        "tether_missed_beats",
+        "Head beats a worker expected and did not get (workers only: a head never drops a beat; a worker that stops reading stalls its own stream)",
+        m.missed_beats.0.clone(),
+    );
+    r.register(
+        "tether_reassignments",
+        "Workers adopted (heads) or moves made (workers), by reason",
+        ByReason(m.reassignments.each_ref().map(|c| c.0.clone())),
+    );
     if role == Role::Head {
-        counter(
-            &mut out,
-            "tether_fence_unparsable_total",
-            "Fencing notices that could not be parsed.",
-            m.fence_unparsable.get(),
+        r.register(
+            "tether_fence_unparsable",
+            "Fencing notices that could not be parsed",
+            m.fence_unparsable.0.clone(),
         );
-        counter(
-            &mut out,
-            "tether_streams_denied_total",
-            "Heartbeat streams refused for a missing or wrong assignment secret.",
-            m.streams_denied.get(),
+        r.register(
+            "tether_streams_denied",
+            "Heartbeat streams refused for a missing or wrong assignment secret",
+            m.streams_denied.0.clone(),
         );
-        counter(
-            &mut out,
-            "tether_adoptions_expired_total",
-            "Adoptions released because the worker never opened its stream.",
-            m.adoptions_expired.get(),
+        r.register(
+            "tether_adoptions_expired",
+            "Adoptions released because the worker never opened its stream",
+            m.adoptions_expired.0.clone(),
         );
     }
     if role == Role::Worker {
-        m.failover.render(
-            &mut out,
-            "tether_failover_seconds",
-            "From losing a head to the first beat of the next one.",
+        r.register_with_unit(
+            "tether_failover",
+            "From losing a head to the first beat of the next one",
+            Unit::Seconds,
+            m.failover.clone(),
         );
-        m.handoff.render(
-            &mut out,
-            "tether_handoff_seconds",
-            "From a head's redirect to the first beat of the new head.",
+        r.register_with_unit(
+            "tether_handoff",
+            "From a head's redirect to the first beat of the new head",
+            Unit::Seconds,
+            m.handoff.clone(),
         );
     }
-    counter(
-        &mut out,
-        "tether_redis_errors_total",
-        "Registry calls that failed.",
-        m.redis_errors.get(),
+    r.register(
+        "tether_redis_errors",
+        "Registry calls that failed",
+        m.redis_errors.0.clone(),
     );
-    m.redis_latency.render(
-        &mut out,
-        "tether_redis_latency_seconds",
-        "Latency of registry calls.",
+    r.register_with_unit(
+        "tether_redis_latency",
+        "Latency of registry calls",
+        Unit::Seconds,
+        m.redis_latency.clone(),
     );
+    r
+}
+
+/// The exposition registries, one per role, built on first use.
+static HEAD: LazyLock<Registry> = LazyLock::new(|| registry(Role::Head));
+static WORKER: LazyLock<Registry> = LazyLock::new(|| registry(Role::Worker));
+
+/// The content type of [`render`]'s text, which Prometheus asks for.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The metrics in the OpenMetrics text format ([`CONTENT_TYPE`]).
+pub fn render(role: Role) -> String {
+    let registry = match role {
+        Role::Head => &*HEAD,
+        Role::Worker => &*WORKER,
+    };
+    let mut out = String::with_capacity(4096);
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
     out
 }
 
@@ -315,12 +334,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 pub fn routes(role: Role) -> Router {
     Router::new().route(
         "/metrics",
-        get(move || async move {
-            (
-                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                render(role),
-            )
-        }),
+        get(move || async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(role)) }),
     )
 }
 
@@ -402,20 +416,77 @@ mod tests {
 
     #[test]
     fn histograms_render_cumulative_buckets() {
-        let h = Histogram::new();
+        let h = Histogram::default();
         h.observe(Duration::from_millis(3));
         h.observe(Duration::from_millis(30));
+        h.observe(Duration::from_secs(11));
+        let mut r = Registry::default();
+        r.register_with_unit("x", "help", Unit::Seconds, h.clone());
         let mut out = String::new();
-        h.render(&mut out, "x", "help");
-        assert!(out.contains("x_bucket{le=\"0.005\"} 1"), "{out}");
-        assert!(out.contains("x_bucket{le=\"0.05\"} 2"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 2"), "{out}");
-        assert!(out.contains("x_count 2"), "{out}");
+        prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
+        assert!(out.contains("# TYPE x_seconds histogram"), "{out}");
+        assert!(out.contains("x_seconds_bucket{le=\"0.005\"} 1"), "{out}");
+        assert!(out.contains("x_seconds_bucket{le=\"0.05\"} 2"), "{out}");
+        assert!(out.contains("x_seconds_bucket{le=\"10.0\"} 2"), "{out}");
+        assert!(out.contains("x_seconds_bucket{le=\"+Inf\"} 3"), "{out}");
+        assert!(out.contains("x_seconds_count 3"), "{out}");
+        assert!(out.contains("x_seconds_sum 11.033"), "{out}");
+    }
+
+    /// Every name, type and label that dashboards and docs/operations.md
+    /// name, in each role's exposition.
+    #[test]
+    fn both_roles_expose_their_names() {
+        let head = render(Role::Head);
+        for line in [
+            "# TYPE tether_heads_live gauge",
+            "# TYPE tether_workers_attached gauge",
+            "\ntether_workers_attached ",
+            "# TYPE tether_beats_sent counter",
+            "\ntether_beats_sent_total ",
+            "\ntether_beats_received_total ",
+            "\ntether_missed_beats_total ",
+            "\ntether_reassignments_total{reason=\"unspecified\"} ",
+            "\ntether_reassignments_total{reason=\"rebalance\"} ",
+            "\ntether_fence_unparsable_total ",
+            "\ntether_streams_denied_total ",
+            "\ntether_adoptions_expired_total ",
+            "\ntether_redis_errors_total ",
+            "# TYPE tether_redis_latency_seconds histogram",
+            "\ntether_redis_latency_seconds_count ",
+            "# HELP tether_beats_sent Heartbeats sent.\n",
+            "# EOF",
+        ] {
+            assert!(head.contains(line), "head lacks {line:?}:\n{head}");
+        }
+        assert!(!head.contains("tether_failover_seconds"), "{head}");
+        let worker = render(Role::Worker);
+        for line in [
+            "\ntether_worker_attached ",
+            "# TYPE tether_failover_seconds histogram",
+            "\ntether_failover_seconds_bucket{le=\"+Inf\"} ",
+            "\ntether_handoff_seconds_count ",
+            "\ntether_missed_beats_total ",
+        ] {
+            assert!(worker.contains(line), "worker lacks {line:?}:\n{worker}");
+        }
+        assert!(!worker.contains("tether_workers_attached"), "{worker}");
+        assert!(!worker.contains("tether_streams_denied"), "{worker}");
     }
 
     #[test]
-    fn both_roles_render() {
-        assert!(render(Role::Head).contains("tether_workers_attached"));
-        assert!(render(Role::Worker).contains("tether_failover_seconds_bucket"));
+    fn counts_reach_the_exposition() {
+        METRICS.reassignments[4].inc();
+        METRICS.streams_denied.add(2);
+        let head = render(Role::Head);
+        let rebalanced = head
+            .lines()
+            .find(|l| l.starts_with("tether_reassignments_total{reason=\"rebalance\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+        assert!(rebalanced >= Some(1), "{head}");
+        assert!(
+            !head.contains("\ntether_streams_denied_total 0\n"),
+            "{head}"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The worker side as a library component: "keep me attached to a live
 //! head, and tell me when my head changes", for a Rust program that does
-//! its own work. `tether-worker` runs the same attach loop
-//! ([`crate::attach`]) plus an operator-facing `WorkerService`.
+//! its own work. `tether-worker` is built on it: a [`Worker`] plus an
+//! operator-facing `WorkerService` that reads
+//! [`WorkerHandle::status_reader`].
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,7 +27,7 @@ use crate::discovery::{Discovery, Source};
 use crate::registry::Registry;
 use crate::security::ClientSecurity;
 use crate::shutdown::{self, ShutdownTrigger};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -46,6 +47,9 @@ pub struct Attachment {
     pub epoch: u64,
     /// How many times the worker attached to a head since it started.
     pub reassignments: u64,
+    /// When the current attachment began (its first beat), in Unix
+    /// milliseconds; 0 while not attached.
+    pub attached_since_ms: i64,
 }
 
 impl From<&Snapshot> for Attachment {
@@ -56,6 +60,39 @@ impl From<&Snapshot> for Attachment {
             head_addr: s.head_addr.clone(),
             epoch: s.epoch,
             reassignments: s.reassignments,
+            attached_since_ms: if s.attached { s.attached_since_ms } else { 0 },
+        }
+    }
+}
+
+/// The worker's state at one instant: its [`Attachment`] and the beat
+/// timing that changes on every beat (so it is read on demand, not
+/// watched). What an operator's status page shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerStatus {
+    /// Where the worker is attached.
+    pub attachment: Attachment,
+    /// When the last beat of a head arrived; `None` before the first.
+    pub last_head_beat: Option<Instant>,
+    /// The longest gap between two beats of a head since the worker last
+    /// went from unattached to attached (a move does not reset it).
+    pub max_head_beat_gap: Duration,
+}
+
+/// Reads a running worker's [`WorkerStatus`]; cheap to clone into a
+/// service. Reads go on working after the worker stopped (they then show
+/// its last state).
+#[derive(Debug, Clone)]
+pub struct StatusReader(watch::Receiver<Snapshot>);
+
+impl StatusReader {
+    /// The worker's state now.
+    pub fn status(&self) -> WorkerStatus {
+        let s = self.0.borrow();
+        WorkerStatus {
+            attachment: Attachment::from(&*s),
+            last_head_beat: s.last_head_beat,
+            max_head_beat_gap: s.max_beat_gap,
         }
     }
 }
@@ -68,7 +105,10 @@ pub enum WorkerError {
     NoHeads,
     /// A setting breaks a rule; the message names it.
     #[error("invalid worker settings: {0}")]
-    Settings(String),
+    Settings(#[from] crate::config::ConfigError),
+    /// The connect timeout or the largest backoff is zero.
+    #[error("invalid worker settings: connect timeout and max backoff must be above zero")]
+    ZeroDuration,
 }
 
 /// Builds and starts a worker; see [`Worker::builder`].
@@ -145,14 +185,12 @@ impl WorkerBuilder {
     /// Checks the settings and starts the attach loop on the current tokio
     /// runtime.
     pub fn spawn(self) -> Result<WorkerHandle, WorkerError> {
-        crate::config::validate_id("worker id", &self.id).map_err(WorkerError::Settings)?;
+        crate::config::validate_id("worker id", &self.id)?;
         for h in &self.heads {
-            crate::config::parse_head_addr(h).map_err(WorkerError::Settings)?;
+            crate::config::parse_head_addr(h)?;
         }
         if self.connect_timeout.is_zero() || self.max_backoff.is_zero() {
-            return Err(WorkerError::Settings(
-                "connect timeout and max backoff must be above zero".to_owned(),
-            ));
+            return Err(WorkerError::ZeroDuration);
         }
         let mut sources = Vec::new();
         if !self.heads.is_empty() {
@@ -166,6 +204,7 @@ impl WorkerBuilder {
         }
         let (trigger, stop) = shutdown::channel();
         let (snapshot_tx, mut snapshot_rx) = watch::channel(Snapshot::default());
+        let status = StatusReader(snapshot_rx.clone());
         let (attachment_tx, attachment_rx) = watch::channel(Attachment::default());
         let attach = tokio::spawn(attach::run(
             AttachConfig {
@@ -193,6 +232,7 @@ impl WorkerBuilder {
         });
         Ok(WorkerHandle {
             attachment: attachment_rx,
+            status,
             trigger,
             tasks: [attach, forward],
         })
@@ -203,6 +243,8 @@ impl WorkerBuilder {
 /// [`WorkerHandle::shutdown`] waits until its stream is closed.
 pub struct WorkerHandle {
     attachment: watch::Receiver<Attachment>,
+    /// The attach loop's snapshots, read on demand.
+    status: StatusReader,
     trigger: ShutdownTrigger,
     /// The attach loop and the task that turns its snapshots into
     /// attachments.
@@ -213,6 +255,12 @@ impl WorkerHandle {
     /// Where the worker is attached, now and at every change.
     pub fn attachment(&self) -> watch::Receiver<Attachment> {
         self.attachment.clone()
+    }
+
+    /// Reads the worker's state on demand, including the beat timing that
+    /// [`WorkerHandle::attachment`] does not announce.
+    pub fn status_reader(&self) -> StatusReader {
+        self.status.clone()
     }
 
     /// Stops the worker: its stream closes (the head releases the

@@ -1120,7 +1120,7 @@ fn connections_received(node: &RedisNode) -> u64 {
 async fn the_registry_asks_sentinel_on_one_long_lived_connection() {
     let scratch = Scratch::new("sentinel-connections");
     let set = SentinelSet::start(&scratch);
-    let registry = tether::registry::Registry::new(&set.url(), "tether", 1).expect("registry");
+    let registry = tether::registry::Registry::new(&set.url(), "tether").expect("registry");
     // The first call connects: to the sentinel it then keeps, and once
     // more to find the master for the shared data connection.
     registry

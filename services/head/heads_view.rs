@@ -23,9 +23,25 @@ pub struct Snapshot {
     pub read_at: Instant,
 }
 
-/// The last good snapshot, and when a read was last tried at which
-/// heads version.
-type Cached = (Option<Snapshot>, Option<(Instant, u64)>);
+/// The last good snapshot, and the last attempt to read one.
+#[derive(Debug, Default)]
+struct Cached {
+    /// The last read that succeeded: served while a later read fails (an
+    /// old list is better than none).
+    snapshot: Option<Snapshot>,
+    /// The last read tried, good or not; `None` before the first.
+    tried: Option<Attempt>,
+}
+
+/// When a read of the registry was tried, and at which heads version: it
+/// holds (even when it failed) until `max_age` passes or the version moves.
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    /// When the read began.
+    at: Instant,
+    /// The heads version the lease refresh had seen then.
+    version: u64,
+}
 
 /// The cached snapshot and the rules for refreshing it.
 pub struct HeadsView {
@@ -50,7 +66,7 @@ impl HeadsView {
             registry,
             version,
             max_age,
-            state: Mutex::new((None, None)),
+            state: Mutex::new(Cached::default()),
             reading: tokio::sync::Mutex::new(()),
         }
     }
@@ -60,12 +76,11 @@ impl HeadsView {
     fn fresh(&self) -> Option<Result<Snapshot, ()>> {
         let version = *self.version.borrow();
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (snapshot, tried) = &*state;
-        let (at, at_version) = (*tried)?;
-        if at.elapsed() >= self.max_age || at_version != version {
+        let tried = state.tried?;
+        if tried.at.elapsed() >= self.max_age || tried.version != version {
             return None;
         }
-        Some(snapshot.clone().ok_or(()))
+        Some(state.snapshot.clone().ok_or(()))
     }
 
     /// The heads, from the snapshot or from one read of the registry.
@@ -85,7 +100,7 @@ impl HeadsView {
         let now = Instant::now();
         let read = self.registry.live_heads().await;
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.1 = Some((now, version));
+        state.tried = Some(Attempt { at: now, version });
         match read {
             Ok(heads) => {
                 let snapshot = Snapshot {
@@ -93,11 +108,11 @@ impl HeadsView {
                     version,
                     read_at: now,
                 };
-                state.0 = Some(snapshot.clone());
+                state.snapshot = Some(snapshot.clone());
                 Ok(snapshot)
             }
             // An old list is better than none: the worker tries them all.
-            Err(e) => state.0.clone().ok_or(e),
+            Err(e) => state.snapshot.clone().ok_or(e),
         }
     }
 }

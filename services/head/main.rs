@@ -182,7 +182,6 @@ async fn run(
     let registry = match Registry::new(
         &args.common.registry.redis_url,
         &args.common.registry.namespace,
-        16,
     ) {
         Ok(r) => r,
         Err(e) => {

@@ -13,7 +13,7 @@
 //! use tether::registry::Registry;
 //!
 //! let settings = HeadSettings::new("head-1").advertise("10.0.0.5:7070").validate()?;
-//! let registry = Registry::new("redis://127.0.0.1:6379", "tether", 16)?;
+//! let registry = Registry::new("redis://127.0.0.1:6379", "tether")?;
 //! let head = Head::builder(settings).registry(registry).build()?;
 //! let listener = tokio::net::TcpListener::bind("0.0.0.0:7070").await?;
 //! head.serve(listener, async {
@@ -97,10 +97,28 @@ pub struct HeadSettings {
     pub idle_connection_timeout: Duration,
 }
 
-/// Settings that break a rule; the message names the setting.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct SettingsError(pub String);
+/// Settings that break a rule; the message names the setting. None is
+/// retryable: the settings must change.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// A rule shared with the flags: the id, the heartbeat timing, the
+    /// lease TTL against the interval.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The advertised address is not host:port (or is over 256 bytes).
+    #[error("--advertise {0:?} must be host:port")]
+    Advertise(String),
+    /// The balance slack is outside 0.0 to 10.0.
+    #[error("balance slack {0} is not a number from 0.0 to 10.0")]
+    BalanceSlack(f64),
+    /// The rebalance rate is not above 0 (or is absurdly large).
+    #[error("rebalance rate {0} is not a rate above 0 (workers per second)")]
+    RebalanceRate(f64),
+    /// No connection at all would be allowed.
+    #[error("max connections must be at least 1")]
+    MaxConnections,
+}
 
 impl HeadSettings {
     /// `tether-head`'s defaults under the id `id`.
@@ -131,34 +149,26 @@ impl HeadSettings {
     /// Checks every rule, single-field and cross-field; the settings
     /// back when they hold.
     pub fn validate(self) -> Result<Self, SettingsError> {
-        let e = SettingsError;
-        crate::config::validate_id("id", &self.id).map_err(e)?;
+        crate::config::validate_id("id", &self.id)?;
         crate::config::Timing {
             heartbeat_interval: self.heartbeat_interval,
             heartbeat_timeout: self.heartbeat_timeout,
         }
-        .validate()
-        .map_err(e)?;
-        crate::config::check_lease_ttl(self.lease_ttl, self.heartbeat_interval).map_err(e)?;
+        .validate()?;
+        crate::config::check_lease_ttl(self.lease_ttl, self.heartbeat_interval)?;
         if let Some(a) = &self.advertise {
             if a.len() > 256 || !a.contains(':') {
-                return Err(e(format!("--advertise {a:?} must be host:port")));
+                return Err(SettingsError::Advertise(a.clone()));
             }
         }
         if !(0.0..=10.0).contains(&self.balance_slack) {
-            return Err(e(format!(
-                "balance slack {} is not a number from 0.0 to 10.0",
-                self.balance_slack
-            )));
+            return Err(SettingsError::BalanceSlack(self.balance_slack));
         }
         if !(self.rebalance_rate > 0.0 && self.rebalance_rate <= 1e6) {
-            return Err(e(format!(
-                "rebalance rate {} is not a rate above 0 (workers per second)",
-                self.rebalance_rate
-            )));
+            return Err(SettingsError::RebalanceRate(self.rebalance_rate));
         }
         if self.max_connections == 0 {
-            return Err(e("max connections must be at least 1".to_owned()));
+            return Err(SettingsError::MaxConnections);
         }
         Ok(self)
     }

@@ -99,7 +99,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let args: Args = tether::config::parse_args("tetherctl");
-    let security = match args.registry.validate().and_then(|()| args.security.load()) {
+    let security = match args
+        .registry
+        .validate()
+        .map_err(String::from)
+        .and_then(|()| args.security.load())
+    {
         Ok(client) => client,
         Err(e) => {
             eprintln!("tetherctl: invalid configuration: {e}");
@@ -132,7 +137,7 @@ struct Ctl {
 }
 
 async fn run(args: Args, security: ClientSecurity) -> Result<(), String> {
-    let registry = Registry::new(&args.registry.redis_url, &args.registry.namespace, 2)
+    let registry = Registry::new(&args.registry.redis_url, &args.registry.namespace)
         .map_err(|e| e.to_string())?;
     let ctl = Ctl {
         registry,

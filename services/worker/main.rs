@@ -76,7 +76,7 @@ fn main() {
     );
     let security = args
         .validate()
-        .and_then(|()| args.common.registry.validate())
+        .and_then(|()| args.common.registry.validate().map_err(String::from))
         .and_then(|()| args.common.security.load());
     let (server_security, client_security) = match security {
         Ok(s) => s,

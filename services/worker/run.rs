@@ -1,18 +1,17 @@
-//! Wires a worker together: the attach loop, `WorkerService`, health, and
-//! a bounded shutdown.
+//! Wires a worker together: a [`tether::worker::Worker`] (the library's
+//! attach loop, the same one a program embedding Tether runs),
+//! `WorkerService`, health, and a bounded shutdown.
 
 use crate::status::{self, StatusSvc};
 use crate::Args;
 use std::time::Duration;
-use tether::attach::{self, AttachConfig, Snapshot};
 use tether::config::{advertise_addr, default_id};
-use tether::discovery::{Discovery, Source};
 use tether::pb::worker_service_server::WorkerServiceServer;
 use tether::registry::Registry;
 use tether::security::{ClientSecurity, ServerSecurity};
 use tether::server::{self, MAX_MESSAGE_BYTES};
 use tether::shutdown;
-use tokio::sync::watch;
+use tether::worker::Worker;
 use tracing::{error, info, warn};
 
 /// Runs the worker; returns the process exit code.
@@ -37,55 +36,50 @@ pub async fn run(
     let id = args.id.clone().unwrap_or_else(|| default_id("worker"));
     // Heads first when given; the registry (read one call at a time)
     // when asked for, or when no head is given (as before --heads).
-    let mut sources = Vec::new();
-    if !args.heads.is_empty() {
-        sources.push(Source::Heads(args.heads.clone()));
-    }
-    if redis_given || args.heads.is_empty() {
+    let mut worker = Worker::builder(id.clone())
+        .heads(args.heads.iter().cloned())
+        .advertise(advertise.clone())
+        .connect_timeout(args.connect_timeout)
+        .max_backoff(args.max_backoff)
+        .security(client_security);
+    let use_registry = redis_given || args.heads.is_empty();
+    if use_registry {
         match Registry::new(
             &args.common.registry.redis_url,
             &args.common.registry.namespace,
-            2,
         ) {
-            Ok(r) => sources.push(Source::Registry(r)),
+            Ok(r) => worker = worker.registry(r),
             Err(e) => {
                 error!(error = %e, "cannot set up the registry");
                 return 2;
             }
         }
     }
-    let via = match (args.heads.is_empty(), sources.len()) {
+    let via = match (args.heads.is_empty(), use_registry) {
         (true, _) => "the registry (--redis-url)".to_owned(),
-        (false, 1) => format!("ListHeads on {}", args.heads.join(",")),
-        (false, _) => format!("ListHeads on {}, then the registry", args.heads.join(",")),
+        (false, false) => format!("ListHeads on {}", args.heads.join(",")),
+        (false, true) => format!("ListHeads on {}, then the registry", args.heads.join(",")),
     };
-    let discovery = Discovery::new(sources);
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     let (trigger, stop) = shutdown::channel();
-    let (snapshot_tx, snapshot_rx) = watch::channel(Snapshot::default());
+    let worker = match worker.spawn() {
+        Ok(w) => w,
+        Err(e) => {
+            error!(error = %e, "cannot start the worker");
+            return 2;
+        }
+    };
 
     let readiness = tokio::spawn(status::track_readiness(
-        snapshot_rx.clone(),
+        worker.attachment(),
         health.clone(),
         stop.clone(),
     ));
-    let attach_task = tokio::spawn(attach::run(
-        AttachConfig {
-            worker_id: id.clone(),
-            worker_addr: advertise.clone(),
-            connect_timeout: args.connect_timeout,
-            backoff_base: Duration::from_millis(100),
-            backoff_max: args.max_backoff,
-            security: client_security,
-        },
-        discovery,
-        snapshot_tx,
-        stop.clone(),
-    ));
-    let status_service = WorkerServiceServer::new(StatusSvc::new(id.clone(), snapshot_rx))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let status_service =
+        WorkerServiceServer::new(StatusSvc::new(id.clone(), worker.status_reader()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let router = match server::router(
         health_svc,
         &server_security,
@@ -131,7 +125,7 @@ pub async fn run(
     info!(worker = %id, ?signal, "shutting down");
     trigger.trigger();
     let graceful = async {
-        let _ = attach_task.await;
+        worker.shutdown().await;
         let _ = readiness.await;
         let _ = server_task.await;
     };

@@ -2,28 +2,25 @@
 //! attached, and keeps the worker's readiness in health in step with it.
 
 use std::time::Instant;
-use tether::attach::Snapshot;
 use tether::pb::worker_service_server::{WorkerService, WorkerServiceServer};
 use tether::pb::{StatusRequest, WorkerStatus};
 use tether::shutdown::Shutdown;
+use tether::worker::{Attachment, StatusReader};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
 
-/// Serves `Status` from the attach loop's published snapshot.
+/// Serves `Status` from the worker's state, read at each call.
 #[derive(Debug, Clone)]
 pub struct StatusSvc {
     worker_id: String,
-    snapshot: watch::Receiver<Snapshot>,
+    status: StatusReader,
 }
 
 impl StatusSvc {
-    /// A service reporting `snapshot` for `worker_id`.
-    pub fn new(worker_id: String, snapshot: watch::Receiver<Snapshot>) -> Self {
-        Self {
-            worker_id,
-            snapshot,
-        }
+    /// A service reporting `status` for `worker_id`.
+    pub fn new(worker_id: String, status: StatusReader) -> Self {
+        Self { worker_id, status }
     }
 }
 
@@ -33,33 +30,34 @@ impl WorkerService for StatusSvc {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<WorkerStatus>, Status> {
-        let s = self.snapshot.borrow().clone();
+        let s = self.status.status();
+        let a = s.attachment;
         Ok(Response::new(WorkerStatus {
             worker_id: self.worker_id.clone(),
-            head_id: s.head_id,
-            head_addr: s.head_addr,
-            epoch: s.epoch,
-            attached: s.attached,
-            reassignments: s.reassignments,
+            head_id: a.head_id,
+            head_addr: a.head_addr,
+            epoch: a.epoch,
+            attached: a.attached,
+            reassignments: a.reassignments,
             last_head_beat_age_ms: s
                 .last_head_beat
                 .map(|t| Instant::now().duration_since(t).as_millis() as u64)
                 .unwrap_or(0),
-            attached_since_ms: if s.attached { s.attached_since_ms } else { 0 },
-            max_head_beat_gap_ms: s.max_beat_gap.as_millis() as u64,
+            attached_since_ms: a.attached_since_ms,
+            max_head_beat_gap_ms: s.max_head_beat_gap.as_millis() as u64,
         }))
     }
 }
 
 /// Keeps `tether.v1.WorkerService` SERVING exactly while attached.
 pub async fn track_readiness(
-    mut snapshot: watch::Receiver<Snapshot>,
+    mut attachment: watch::Receiver<Attachment>,
     health: HealthReporter,
     mut shutdown: Shutdown,
 ) {
     let mut serving = None;
     loop {
-        let attached = snapshot.borrow_and_update().attached;
+        let attached = attachment.borrow_and_update().attached;
         if serving != Some(attached) {
             if attached {
                 health.set_serving::<WorkerServiceServer<StatusSvc>>().await;
@@ -71,7 +69,7 @@ pub async fn track_readiness(
             serving = Some(attached);
         }
         tokio::select! {
-            r = snapshot.changed() => if r.is_err() { return },
+            r = attachment.changed() => if r.is_err() { return },
             _ = shutdown.wait() => return,
         }
     }

@@ -315,13 +315,9 @@ pub fn now_ms() -> i64 {
 
 impl Registry {
     /// A registry on `url` under `namespace`. Does not connect yet: the
-    /// first call does, so a process may start before Redis.
-    ///
-    /// `pool_size` no longer changes anything: every call shares one
-    /// multiplexed connection (see `backend::Backend` for why). It stays
-    /// so that callers do not break, and goes at the next API change.
-    pub fn new(url: &str, namespace: &str, pool_size: usize) -> Result<Self> {
-        let _ = pool_size;
+    /// first call does, so a process may start before Redis. Every call
+    /// shares one multiplexed connection (see `backend::Backend` for why).
+    pub fn new(url: &str, namespace: &str) -> Result<Self> {
         let op_timeout = Duration::from_secs(2);
         let topology = Topology::parse(url).map_err(RegistryError::Protocol)?;
         let pool = PoolConfig {

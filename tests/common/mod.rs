@@ -276,61 +276,49 @@ pub fn assigned_key(head: &str) -> String {
     format!("{{tether}}:assigned:{head}")
 }
 
-/// `n` workers in this process: the library's attach loop, the one
-/// `tether-worker` runs, as tether-bench's simulated fleet does, each over
-/// its own connection. Cheaper than `n` worker processes on a small
-/// machine. Stops them when dropped.
+/// `n` workers in this process through the library's worker API
+/// (`tether::worker`, which `tether-worker` runs too), each over its own
+/// connection. Cheaper than `n` worker processes on a small machine.
+/// Stops them when dropped.
 pub struct Fleet {
-    status: Vec<tokio::sync::watch::Receiver<tether::attach::Snapshot>>,
-    _stop: tether::shutdown::ShutdownTrigger,
+    workers: Vec<tether::worker::WorkerHandle>,
 }
 
 impl Fleet {
     /// Starts workers `w-00000`... against the registry at `redis_url`.
     pub fn start(redis_url: &str, n: usize) -> Fleet {
-        let registry = tether::registry::Registry::new(redis_url, "tether", 8).expect("registry");
-        let (stop, shutdown) = tether::shutdown::channel();
-        let status = (0..n)
+        let registry = tether::registry::Registry::new(redis_url, "tether").expect("registry");
+        let workers = (0..n)
             .map(|i| {
-                let (tx, rx) = tokio::sync::watch::channel(tether::attach::Snapshot::default());
-                let cfg = tether::attach::AttachConfig {
-                    worker_id: format!("w-{i:05}"),
-                    connect_timeout: Duration::from_secs(5),
-                    backoff_base: Duration::from_millis(100),
-                    backoff_max: Duration::from_secs(1),
-                    security: tether::security::ClientSecurity::default(),
-                    ..tether::attach::AttachConfig::default()
-                };
-                tokio::spawn(tether::attach::run(
-                    cfg,
-                    registry.clone(),
-                    tx,
-                    shutdown.clone(),
-                ));
-                rx
+                tether::worker::Worker::builder(format!("w-{i:05}"))
+                    .registry(registry.clone())
+                    .connect_timeout(Duration::from_secs(5))
+                    .max_backoff(Duration::from_secs(1))
+                    .spawn()
+                    .expect("worker settings")
             })
             .collect();
-        Fleet {
-            status,
-            _stop: stop,
-        }
+        Fleet { workers }
     }
 
     /// How many workers are attached now.
     pub fn attached(&self) -> usize {
-        self.status.iter().filter(|s| s.borrow().attached).count()
+        self.workers
+            .iter()
+            .filter(|w| w.attachment().borrow().attached)
+            .count()
     }
 
     /// Each worker's (head, epoch, reassignments, attached), by worker id.
     pub fn placements(&self) -> BTreeMap<String, (String, u64, u64, bool)> {
-        self.status
+        self.workers
             .iter()
             .enumerate()
-            .map(|(i, s)| {
-                let s = s.borrow();
+            .map(|(i, w)| {
+                let a = w.attachment().borrow().clone();
                 (
                     format!("w-{i:05}"),
-                    (s.head_id.clone(), s.epoch, s.reassignments, s.attached),
+                    (a.head_id, a.epoch, a.reassignments, a.attached),
                 )
             })
             .collect()

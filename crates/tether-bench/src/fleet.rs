@@ -19,7 +19,6 @@ use tokio::task::JoinHandle;
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
     pub redis_url: String,
-    pub registry_pool: usize,
     pub connect_timeout: Duration,
     pub max_backoff: Duration,
     /// Workers started per second while the fleet grows.
@@ -55,7 +54,7 @@ pub struct Fleet {
 impl Fleet {
     /// An empty fleet against the Redis at `cfg.redis_url`.
     pub fn new(cfg: FleetConfig) -> Result<Self, String> {
-        let registry = Registry::new(&cfg.redis_url, "tether", cfg.registry_pool)
+        let registry = Registry::new(&cfg.redis_url, "tether")
             .map_err(|e| format!("cannot set up the registry: {e}"))?;
         let (trigger, stop) = shutdown::channel();
         Ok(Self {

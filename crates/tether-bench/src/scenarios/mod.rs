@@ -174,7 +174,6 @@ impl Bench {
         rig.add_heads(heads).await?;
         let fleet = Fleet::new(FleetConfig {
             redis_url: rig.redis_url(),
-            registry_pool: common.pool(),
             connect_timeout: common.connect_timeout,
             max_backoff: common.max_backoff,
             ramp_rate: common.ramp(),
