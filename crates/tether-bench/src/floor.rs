@@ -10,7 +10,7 @@
 //! alone; the workers are connections in the bench process, like the
 //! simulated workers of the other scenarios.
 
-use crate::procfs::{self, CpuSample, Pid};
+use crate::procfs::{self, Pid};
 use crate::report::Report;
 use crate::stats::{missed_beats, Summary};
 use std::net::SocketAddr;
@@ -188,13 +188,19 @@ impl Load {
             last: (0..n).map(|_| AtomicU64::new(0)).collect(),
             longest: (0..n).map(|_| AtomicU64::new(0)).collect(),
         });
-        let start = tokio::time::Instant::now() + interval;
-        let mut tasks = Vec::with_capacity(n);
+        let mut streams = Vec::with_capacity(n);
         for i in 0..n {
             let stream = TcpStream::connect(addr)
                 .await
                 .map_err(|e| format!("floor worker {i} of {n} cannot connect: {e}"))?;
             let _ = stream.set_nodelay(true);
+            streams.push(stream);
+        }
+        // Phases count from after the last connection, so that no worker
+        // starts with a burst of the beats it missed while others connected.
+        let start = tokio::time::Instant::now() + interval;
+        let mut tasks = Vec::with_capacity(n);
+        for (i, stream) in streams.into_iter().enumerate() {
             let beats = beats.clone();
             let phase = interval.mul_f64(i as f64 / n as f64);
             tasks.push(tokio::spawn(async move {
@@ -254,12 +260,7 @@ pub struct PerWorker {
 impl PerWorker {
     /// From CPU samples around a window of `workers` workers and the RSS
     /// growth over the same workers.
-    pub fn new(
-        cpu: Duration,
-        window: Duration,
-        workers: usize,
-        rss_growth_kib: u64,
-    ) -> PerWorker {
+    pub fn new(cpu: Duration, window: Duration, workers: usize, rss_growth_kib: u64) -> PerWorker {
         let worker_seconds = workers.max(1) as f64 * window.as_secs_f64().max(1e-9);
         PerWorker {
             cpu_us_per_worker_second: cpu.as_secs_f64() * 1e6 / worker_seconds,
@@ -336,7 +337,7 @@ pub async fn measure(run: FloorRun) -> Result<FloorMeasured, String> {
         cpu_percent: procfs::cpu_percent(cpu0, cpu1),
         sys_percent: procfs::sys_percent(cpu0, cpu1),
         per_worker: PerWorker::new(
-            cpu_between(cpu0, cpu1),
+            procfs::cpu_between(cpu0, cpu1),
             window,
             run.workers,
             rss_kib.saturating_sub(rss_kib_before),
@@ -348,11 +349,6 @@ pub async fn measure(run: FloorRun) -> Result<FloorMeasured, String> {
         workers_missing_beats,
         gaps: Summary::new(gaps),
     })
-}
-
-/// CPU time (user + system) used between two samples.
-pub fn cpu_between(before: CpuSample, after: CpuSample) -> Duration {
-    after.cpu.saturating_sub(before.cpu)
 }
 
 impl FloorMeasured {

@@ -127,7 +127,10 @@ fn cdf(
         let colour = COLOURS[1 + k % (COLOURS.len() - 1)];
         let x = ms(*at);
         chart
-            .draw_series(LineSeries::new([(x, 0.0), (x, 1.0)], colour.stroke_width(1)))
+            .draw_series(LineSeries::new(
+                [(x, 0.0), (x, 1.0)],
+                colour.stroke_width(1),
+            ))
             .map_err(err)?
             .label(format!("{name} {x:.1} ms"))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour));
@@ -151,8 +154,12 @@ fn versus(out: &mut String, title: &str, panels: &[Panel]) -> Result<(), Error> 
     for (panel, area) in panels.iter().zip(root.split_evenly((rows, 1))) {
         let all = || panel.series.iter().flat_map(|s| s.points.iter());
         let x_max = all().map(|p| p.0).fold(1.0, f64::max) * 1.05;
-        let y_max = all().map(|p| p.1).filter(|y| y.is_finite()).fold(0.0, f64::max);
-        let y_max = if y_max > 0.0 { y_max * 1.15 } else { 1.0 };
+        let y_max = all()
+            .map(|p| p.1)
+            .filter(|y| y.is_finite())
+            .fold(0.0, f64::max);
+        // Headroom above the lines for the legend.
+        let y_max = if y_max > 0.0 { y_max * 1.3 } else { 1.0 };
         let mut chart = ChartBuilder::on(&area)
             .margin(15)
             .x_label_area_size(40)
@@ -162,6 +169,7 @@ fn versus(out: &mut String, title: &str, panels: &[Panel]) -> Result<(), Error> 
         chart
             .configure_mesh()
             .x_desc("workers")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc(panel.y_label.as_str())
             .draw()
             .map_err(err)?;
@@ -181,11 +189,7 @@ fn versus(out: &mut String, title: &str, panels: &[Panel]) -> Result<(), Error> 
                     PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2))
                 });
             chart
-                .draw_series(
-                    points
-                        .iter()
-                        .map(|p| Circle::new(*p, 3, colour.filled())),
-                )
+                .draw_series(points.iter().map(|p| Circle::new(*p, 3, colour.filled())))
                 .map_err(err)?;
         }
         chart
@@ -247,6 +251,9 @@ mod tests {
         }
         .svg()
         .unwrap();
-        assert!(versus.contains("<svg") && versus.contains("<polyline"), "{versus}");
+        assert!(
+            versus.contains("<svg") && versus.contains("<polyline"),
+            "{versus}"
+        );
     }
 }

@@ -169,7 +169,10 @@ impl Report {
                 .iter()
                 .filter_map(|m| Some((m.label.as_str(), m.shown.as_deref()?)))
         };
-        let width = rows().map(|(label, _)| label.chars().count()).max().unwrap_or(0);
+        let width = rows()
+            .map(|(label, _)| label.chars().count())
+            .max()
+            .unwrap_or(0);
         for (label, shown) in rows() {
             let _ = writeln!(out, "  {label:<width$}  {shown}");
         }

@@ -8,8 +8,8 @@ pub mod scale_up;
 pub mod steady;
 pub mod sweep;
 
-use crate::floor::FloorRun;
 use crate::fleet::{Fleet, FleetConfig};
+use crate::floor::FloorRun;
 use crate::report::{Json, Report};
 use crate::rig::Rig;
 use std::path::PathBuf;

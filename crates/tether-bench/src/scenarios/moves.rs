@@ -176,7 +176,11 @@ pub async fn run(kind: Kind, args: &MoveArgs) -> Result<Report, String> {
         unattached as u64,
     );
     report.detail("move_histogram", summary.histogram());
-    report.chart(move_cdf(kind, &summary, moved.iter().map(|m| m.total).collect()));
+    report.chart(move_cdf(
+        kind,
+        &summary,
+        moved.iter().map(|m| m.total).collect(),
+    ));
     report.detail("loads_after", loads_json(&bench.fleet.loads()));
 
     let p99 = summary.percentile(99.0);
@@ -301,7 +305,9 @@ pub async fn run(kind: Kind, args: &MoveArgs) -> Result<Report, String> {
 fn move_cdf(kind: Kind, summary: &Summary, samples: Vec<Duration>) -> Chart {
     let at = |p: f64| summary.percentile(p);
     let shown = |d: Option<Duration>| {
-        d.map_or("-".to_owned(), |d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
+        d.map_or("-".to_owned(), |d| {
+            format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+        })
     };
     Chart::Cdf {
         title: format!(

@@ -170,7 +170,7 @@ pub async fn measure(
         let pid = Pid::Of(pids[k]);
         let (cpu, sys) = match (cpu0[k], cpu1[k]) {
             (Some(a), Some(b)) => {
-                heads_cpu += floor::cpu_between(a, b);
+                heads_cpu += procfs::cpu_between(a, b);
                 (procfs::cpu_percent(a, b), procfs::sys_percent(a, b))
             }
             _ => (f64::NAN, f64::NAN),

@@ -72,7 +72,13 @@ pub async fn run(args: &SweepArgs) -> Result<Report, String> {
         lines[3].push((x, h.rss_growth_kib_per_worker));
         let mut floor_report = Report::new("floor");
         floor.add_to(&mut floor_report);
-        let ratio = |a: f64, b: f64| if b > 0.0 { Json::from(a / b) } else { Json::Null };
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                Json::from(a / b)
+            } else {
+                Json::Null
+            }
+        };
         points.push(obj([
             ("workers", Json::from(n)),
             (
