@@ -29,6 +29,9 @@ const BEAT: usize = 24;
 /// interval, as raw-tcp-beats does.
 const PHASES: u32 = 8;
 
+/// Connections the load opens at once.
+const CONNECTS_IN_FLIGHT: usize = 64;
+
 /// Bound on the server process starting and printing its address.
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -129,6 +132,19 @@ impl ServerProcess {
     }
 }
 
+/// One finished connect of [`Load::connect`], with its worker's index.
+fn joined(
+    done: Option<Result<(usize, std::io::Result<TcpStream>), tokio::task::JoinError>>,
+    n: usize,
+) -> Result<(usize, TcpStream), String> {
+    let (i, stream) = done
+        .ok_or("no connect left")?
+        .map_err(|e| format!("a floor worker's connect failed: {e}"))?;
+    let stream = stream.map_err(|e| format!("floor worker {i} of {n} cannot connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    Ok((i, stream))
+}
+
 /// What each simulated floor worker saw, shared with its reading task.
 struct Beats {
     /// When the bench started: the clock of the fields below, in ns.
@@ -188,19 +204,26 @@ impl Load {
             last: (0..n).map(|_| AtomicU64::new(0)).collect(),
             longest: (0..n).map(|_| AtomicU64::new(0)).collect(),
         });
+        // A bounded number of connects in flight: one at a time takes
+        // seconds at 10,000 on a busy machine, all at once overflows the
+        // listen backlog.
         let mut streams = Vec::with_capacity(n);
+        let mut connecting = tokio::task::JoinSet::new();
         for i in 0..n {
-            let stream = TcpStream::connect(addr)
-                .await
-                .map_err(|e| format!("floor worker {i} of {n} cannot connect: {e}"))?;
-            let _ = stream.set_nodelay(true);
-            streams.push(stream);
+            if connecting.len() >= CONNECTS_IN_FLIGHT {
+                streams.push(joined(connecting.join_next().await, n)?);
+            }
+            connecting.spawn(async move { (i, TcpStream::connect(addr).await) });
         }
+        while let Some(done) = connecting.join_next().await {
+            streams.push(joined(Some(done), n)?);
+        }
+        streams.sort_by_key(|(i, _)| *i);
         // Phases count from after the last connection, so that no worker
         // starts with a burst of the beats it missed while others connected.
         let start = tokio::time::Instant::now() + interval;
         let mut tasks = Vec::with_capacity(n);
-        for (i, stream) in streams.into_iter().enumerate() {
+        for (i, stream) in streams {
             let beats = beats.clone();
             let phase = interval.mul_f64(i as f64 / n as f64);
             tasks.push(tokio::spawn(async move {
@@ -274,6 +297,8 @@ impl PerWorker {
 pub struct FloorMeasured {
     pub connect_took: Duration,
     pub window: Duration,
+    /// Server CPU (user + system) in the window, counted in clock ticks.
+    pub cpu: Duration,
     pub cpu_percent: f64,
     pub sys_percent: f64,
     pub per_worker: PerWorker,
@@ -334,6 +359,7 @@ pub async fn measure(run: FloorRun) -> Result<FloorMeasured, String> {
     Ok(FloorMeasured {
         connect_took,
         window,
+        cpu: procfs::cpu_between(cpu0, cpu1),
         cpu_percent: procfs::cpu_percent(cpu0, cpu1),
         sys_percent: procfs::sys_percent(cpu0, cpu1),
         per_worker: PerWorker::new(

@@ -58,6 +58,9 @@ pub async fn run(args: &SteadyArgs) -> Result<Report, String> {
         let mut floor_report = Report::new("floor");
         f.add_to(&mut floor_report);
         report.detail("floor", floor_report.results());
+        if f.cpu < std::time::Duration::from_secs(1) {
+            report.note(format!("the floor used {} ms of CPU in the window, counted in clock ticks (10 ms): a ratio from so few is rough; use more workers or a longer --duration", f.cpu.as_millis()));
+        }
         report.note("the floor: a raw-TCP server process in the shape of raw-tcp-beats (tether-bench floor), run first at the same N, interval and window; per worker-second = CPU / (workers × window)");
     }
     Ok(report)
