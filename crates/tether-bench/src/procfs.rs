@@ -1,5 +1,5 @@
 //! What the bench reads from `/proc` about the machine and about the
-//! processes it measures (a head, itself): CPU time, resident memory,
+//! processes it measures (a head, the floor's server, itself): CPU time, resident memory,
 //! open descriptors, and the open-file limit.
 
 use crate::report::{obj, Json};
@@ -57,6 +57,11 @@ pub fn cpu(pid: Pid) -> Option<CpuSample> {
         sys: Duration::from_secs_f64(stime / clock_ticks()),
         at: Instant::now(),
     })
+}
+
+/// CPU time (user + system) used between two samples.
+pub fn cpu_between(before: CpuSample, after: CpuSample) -> Duration {
+    after.cpu.saturating_sub(before.cpu)
 }
 
 /// CPU used between two samples, in percent of one core.

@@ -1,12 +1,13 @@
-//! What a scenario hands back: a small table for people and a JSON
-//! document for scripts, built from the same values so the two never
-//! disagree.
+//! What a scenario hands back: a small table for people, a JSON document
+//! for scripts, built from the same values so the two never disagree, and
+//! sometimes a chart (`plot`) to look at.
 //!
 //! The JSON is `serde_json`'s, with objects in insertion order
 //! (`preserve_order`), so fields appear as the scenario adds them.
 
+use crate::plot::Chart;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A JSON value of the reports.
 pub type Json = serde_json::Value;
@@ -27,7 +28,9 @@ struct Metric {
     key: String,
     label: String,
     value: Json,
-    shown: String,
+    /// The cell text; `None` for a value only in the JSON (another row
+    /// shows it).
+    shown: Option<String>,
 }
 
 /// A target of the issue, checked against a measurement.
@@ -49,6 +52,8 @@ pub struct Report {
     details: Vec<(String, Json)>,
     targets: Vec<Target>,
     notes: Vec<String>,
+    /// The picture of the results, written next to the JSON.
+    chart: Option<Chart>,
 }
 
 impl Report {
@@ -61,6 +66,7 @@ impl Report {
             details: Vec::new(),
             targets: Vec::new(),
             notes: Vec::new(),
+            chart: None,
         }
     }
 
@@ -75,8 +81,35 @@ impl Report {
             key: key.to_owned(),
             label: label.to_owned(),
             value: value.into(),
-            shown,
+            shown: Some(shown),
         });
+    }
+
+    /// Adds a `results` field with no row of its own: a number that
+    /// another row shows, such as a ratio beside what it divides.
+    pub fn result(&mut self, key: &str, value: impl Into<Json>) {
+        self.metrics.push(Metric {
+            key: key.to_owned(),
+            label: String::new(),
+            value: value.into(),
+            shown: None,
+        });
+    }
+
+    /// The `results` object of the JSON, for a report kept inside
+    /// another one (the floor inside `steady`, each step of `sweep`).
+    pub fn results(&self) -> Json {
+        Json::Object(
+            self.metrics
+                .iter()
+                .map(|m| (m.key.clone(), m.value.clone()))
+                .collect(),
+        )
+    }
+
+    /// Sets the chart written next to the JSON.
+    pub fn chart(&mut self, chart: Chart) {
+        self.chart = Some(chart);
     }
 
     /// Adds a duration row, shown and stored in milliseconds.
@@ -131,14 +164,17 @@ impl Report {
             })
             .collect();
         let _ = writeln!(out, "  {}", config.join(" "));
-        let width = self
-            .metrics
-            .iter()
-            .map(|m| m.label.len())
+        let rows = || {
+            self.metrics
+                .iter()
+                .filter_map(|m| Some((m.label.as_str(), m.shown.as_deref()?)))
+        };
+        let width = rows()
+            .map(|(label, _)| label.chars().count())
             .max()
             .unwrap_or(0);
-        for m in &self.metrics {
-            let _ = writeln!(out, "  {:<width$}  {}", m.label, m.shown);
+        for (label, shown) in rows() {
+            let _ = writeln!(out, "  {label:<width$}  {shown}");
         }
         if !self.targets.is_empty() {
             let width = self.targets.iter().map(|t| t.name.len()).max().unwrap_or(0);
@@ -168,15 +204,7 @@ impl Report {
             ("scenario", Json::from(self.scenario)),
             ("machine", machine),
             ("config", obj(self.config.clone())),
-            (
-                "results",
-                Json::Object(
-                    self.metrics
-                        .iter()
-                        .map(|m| (m.key.clone(), m.value.clone()))
-                        .collect(),
-                ),
-            ),
+            ("results", self.results()),
             ("details", obj(self.details.clone())),
             (
                 "targets",
@@ -207,6 +235,18 @@ impl Report {
     /// Writes the JSON document to `path`.
     pub fn write_json(&self, path: &Path, machine: Json) -> std::io::Result<()> {
         std::fs::write(path, self.json(machine))
+    }
+
+    /// Writes the chart, if the scenario drew one, next to the JSON at
+    /// `json_path`: the same name with `.svg`. Returns where.
+    pub fn write_chart(&self, json_path: &Path) -> Result<Option<PathBuf>, String> {
+        let Some(chart) = &self.chart else {
+            return Ok(None);
+        };
+        let path = json_path.with_extension("svg");
+        let svg = chart.svg()?;
+        std::fs::write(&path, svg).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(Some(path))
     }
 }
 

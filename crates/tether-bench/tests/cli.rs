@@ -14,8 +14,12 @@ fn help_lists_every_scenario() {
     assert!(output.status.success(), "{output:?}");
     let help = String::from_utf8_lossy(&output.stdout);
     for scenario in [
-        "failover", "hang", "drain", "scale-up", "steady", "capacity",
+        "failover", "hang", "drain", "scale-up", "steady", "floor", "sweep", "capacity",
     ] {
         assert!(help.contains(scenario), "--help lacks {scenario}:\n{help}");
     }
+    assert!(
+        !help.contains("floor-server"),
+        "--help shows the hidden floor-server:\n{help}"
+    );
 }

@@ -8,6 +8,7 @@
 //! head, not the bench, is what runs out.
 
 use super::{Bench, Common};
+use crate::plot::{Chart, Panel, Series};
 use crate::procfs::{self, Pid};
 use crate::report::{json_ms, obj, Json, Report};
 use crate::stats::{missed_beats, Summary};
@@ -91,6 +92,8 @@ pub async fn run(args: &CapacityArgs) -> Result<Report, String> {
     let mut held: Option<usize> = None;
     let mut stopped_by = format!("reached the last step ({})", steps.last().unwrap_or(&0));
     let mut rows = Vec::new();
+    let mut cpu_line = Vec::new();
+    let mut rss_line = Vec::new();
     for &n in &steps {
         let start = Instant::now();
         bench.fleet.grow(n - bench.fleet.len()).await;
@@ -141,6 +144,8 @@ pub async fn run(args: &CapacityArgs) -> Result<Report, String> {
             rss as f64 / 1024.0,
             gaps.max().unwrap_or_default().as_secs_f64() * 1000.0,
         );
+        cpu_line.push((n as f64, cpu));
+        rss_line.push((n as f64, rss as f64 / n as f64));
         rows.push(obj([
             ("workers", Json::from(n)),
             ("attach_ms", json_ms(attach_took)),
@@ -185,6 +190,28 @@ pub async fn run(args: &CapacityArgs) -> Result<Report, String> {
         rss_empty,
     );
     report.detail("steps", Json::Array(rows));
+    let one = |label: &str, points| {
+        vec![Series {
+            label: label.to_owned(),
+            points,
+        }]
+    };
+    report.chart(Chart::VersusWorkers {
+        title: format!(
+            "One head, growing fleet, beats every {} ms",
+            c.heartbeat_interval.as_millis()
+        ),
+        panels: vec![
+            Panel {
+                y_label: "head CPU, % of one core".into(),
+                series: one("head CPU", cpu_line),
+            },
+            Panel {
+                y_label: "head RSS, KiB per worker".into(),
+                series: one("head RSS / workers", rss_line),
+            },
+        ],
+    });
     let goal = 19_900;
     report.target(
         "capacity at 1 Hz",

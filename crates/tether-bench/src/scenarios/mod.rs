@@ -2,11 +2,14 @@
 //! flags and bringing up Redis, the heads and the simulated workers.
 
 pub mod capacity;
+pub mod floor;
 pub mod moves;
 pub mod scale_up;
 pub mod steady;
+pub mod sweep;
 
 use crate::fleet::{Fleet, FleetConfig};
+use crate::floor::FloorRun;
 use crate::report::{Json, Report};
 use crate::rig::Rig;
 use std::path::PathBuf;
@@ -142,6 +145,36 @@ impl Common {
                         .collect(),
                 ),
             );
+        }
+    }
+}
+
+/// The measured window of `steady`, `floor` and `sweep`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Window {
+    /// How long the measured window lasts.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Settling time after the fleet attached, before the window.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub warmup: Duration,
+}
+
+impl Window {
+    /// Records the window in `report`.
+    pub fn describe(&self, report: &mut Report) {
+        report.config("duration_ms", ms(self.duration));
+        report.config("warmup_ms", ms(self.warmup));
+    }
+
+    /// The floor at `workers` workers, this window and `c`'s interval.
+    pub fn floor_run(&self, workers: usize, c: &Common) -> FloorRun {
+        FloorRun {
+            workers,
+            interval: c.heartbeat_interval,
+            warmup: self.warmup,
+            duration: self.duration,
         }
     }
 }

@@ -1,10 +1,12 @@
 //! `failover`, `hang` and `drain`: one head goes (SIGKILL, SIGSTOP,
 //! SIGTERM) and each of its workers is timed from the signal until its
 //! new stream delivered its first `HeadBeat` on another head
-//! (`Snapshot::attached_at`, taken by the worker's own attach loop).
+//! (`Snapshot::attached_at`, taken by the worker's own attach loop). The
+//! chart is the CDF of those times.
 
 use super::{Bench, Common};
 use crate::fleet::Fleet;
+use crate::plot::Chart;
 use crate::procfs::{self, Pid};
 use crate::report::{json_ms, Json, Report};
 use crate::stats::{missed_beats, Summary};
@@ -174,6 +176,11 @@ pub async fn run(kind: Kind, args: &MoveArgs) -> Result<Report, String> {
         unattached as u64,
     );
     report.detail("move_histogram", summary.histogram());
+    report.chart(move_cdf(
+        kind,
+        &summary,
+        moved.iter().map(|m| m.total).collect(),
+    ));
     report.detail("loads_after", loads_json(&bench.fleet.loads()));
 
     let p99 = summary.percentile(99.0);
@@ -291,6 +298,33 @@ pub async fn run(kind: Kind, args: &MoveArgs) -> Result<Report, String> {
     }
     bench.stop().await;
     Ok(report)
+}
+
+/// The CDF of the orphans' times from the signal to their first beat on
+/// another head, with p50 and p99 marked.
+fn move_cdf(kind: Kind, summary: &Summary, samples: Vec<Duration>) -> Chart {
+    let at = |p: f64| summary.percentile(p);
+    let shown = |d: Option<Duration>| {
+        d.map_or("-".to_owned(), |d| {
+            format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+        })
+    };
+    Chart::Cdf {
+        title: format!(
+            "{}: {} orphans re-attached, p50 {}, p99 {}",
+            kind.name(),
+            samples.len(),
+            shown(at(50.0)),
+            shown(at(99.0))
+        ),
+        x_label: format!("ms, {}", move_label(kind)),
+        y_label: "fraction of orphans".into(),
+        samples,
+        marks: [("p50", at(50.0)), ("p99", at(99.0))]
+            .into_iter()
+            .filter_map(|(name, d)| Some((name.to_owned(), d?)))
+            .collect(),
+    }
 }
 
 fn move_label(kind: Kind) -> &'static str {

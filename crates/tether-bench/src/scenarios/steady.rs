@@ -1,15 +1,20 @@
 //! `steady`: N workers beat for T seconds and nothing else happens. What
 //! does it cost? Head CPU and memory, Redis commands, and whether any
 //! worker moved or missed a beat although nothing failed.
+//!
+//! First, in the same run, the raw-TCP floor (`crate::floor`) at the same
+//! N, interval and window, so that the head's CPU and memory per worker
+//! come with their ratio to it: on a busy machine the absolute numbers
+//! drift with the load, and the ratio from one run does much less.
 
 use super::moves::loads_json;
-use super::{Bench, Common};
+use super::{Bench, Common, Window};
+use crate::floor::{self, PerWorker};
 use crate::procfs::{self, Pid};
 use crate::report::{obj, Json, Report};
 use crate::rig::calls_between;
 use crate::stats::{missed_beats, Summary};
-use std::time::{Duration, Instant};
-use tether::config::parse_duration;
+use std::time::Instant;
 
 /// Flags of `steady`.
 #[derive(Debug, Clone, clap::Args)]
@@ -17,13 +22,13 @@ pub struct SteadyArgs {
     #[command(flatten)]
     pub common: Common,
 
-    /// How long the measured window lasts.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub duration: Duration,
+    #[command(flatten)]
+    pub window: Window,
 
-    /// Settling time after the fleet attached, before the window.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub warmup: Duration,
+    /// Leaves out the raw-TCP floor run (and the ratios to it), which
+    /// otherwise comes first at the same N, interval and window.
+    #[arg(long)]
+    pub no_floor: bool,
 }
 
 /// Runs `steady`.
@@ -33,9 +38,100 @@ pub async fn run(args: &SteadyArgs) -> Result<Report, String> {
     let workers = c.workers.unwrap_or(10_000);
     let mut report = Report::new("steady");
     c.describe(&mut report, heads, workers);
-    report.config("duration_ms", super::ms(args.duration));
-    report.config("warmup_ms", super::ms(args.warmup));
+    args.window.describe(&mut report);
+    report.config("floor", !args.no_floor);
 
+    let floor = if args.no_floor {
+        None
+    } else {
+        Some(floor::measure(args.window.floor_run(workers, c)).await?)
+    };
+    let head = measure(c, heads, workers, &args.window, &mut report).await?;
+    add_cost_rows(
+        &mut report,
+        "",
+        "",
+        head,
+        floor.as_ref().map(|f| f.per_worker),
+    );
+    if let Some(f) = &floor {
+        let mut floor_report = Report::new("floor");
+        f.add_to(&mut floor_report);
+        report.detail("floor", floor_report.results());
+        if f.cpu < std::time::Duration::from_secs(1) {
+            report.note(format!("the floor used {} ms of CPU in the window, counted in clock ticks (10 ms): a ratio from so few is rough; use more workers or a longer --duration", f.cpu.as_millis()));
+        }
+        report.note("the floor: a raw-TCP server process in the shape of raw-tcp-beats (tether-bench floor), run first at the same N, interval and window; per worker-second = CPU / (workers × window)");
+    }
+    Ok(report)
+}
+
+/// The rows of the head's cost per worker, and with the floor's, the
+/// ratios to it: `head CPU per worker-second 50.6 µs = 1.63 × floor (31.0
+/// µs)`. Keys and labels get `key_suffix` and `label_prefix` (the steps of
+/// `sweep`).
+pub fn add_cost_rows(
+    report: &mut Report,
+    key_suffix: &str,
+    label_prefix: &str,
+    head: PerWorker,
+    floor: Option<PerWorker>,
+) {
+    let rows = [
+        (
+            "cpu_us_per_worker_second",
+            "cpu",
+            "head CPU per worker-second",
+            head.cpu_us_per_worker_second,
+            floor.map(|f| f.cpu_us_per_worker_second),
+            "µs",
+            1,
+        ),
+        (
+            "rss_growth_kib_per_worker",
+            "rss",
+            "head RSS growth per worker",
+            head.rss_growth_kib_per_worker,
+            floor.map(|f| f.rss_growth_kib_per_worker),
+            "KiB",
+            2,
+        ),
+    ];
+    for (key, short, label, value, floor, unit, digits) in rows {
+        let ratio = floor.filter(|f| *f > 0.0).map(|f| value / f);
+        let shown = match (floor, ratio) {
+            (Some(f), Some(r)) => {
+                format!("{value:.digits$} {unit} = {r:.2} × floor ({f:.digits$} {unit})")
+            }
+            (Some(f), None) => format!("{value:.digits$} {unit} (floor {f:.digits$} {unit})"),
+            (None, _) => format!("{value:.digits$} {unit}"),
+        };
+        report.metric(
+            &format!("head_{key}{key_suffix}"),
+            &format!("{label_prefix}{label}"),
+            value,
+            shown,
+        );
+        if let Some(f) = floor {
+            report.result(&format!("floor_{key}{key_suffix}"), f);
+            report.result(
+                &format!("head_{short}_over_floor{key_suffix}"),
+                ratio.map_or(Json::Null, Json::from),
+            );
+        }
+    }
+}
+
+/// Starts Redis, `heads` heads and `workers` workers, waits the warm-up,
+/// watches the window, and adds the rows of what it cost to `report`.
+/// Returns the heads' cost per worker, all heads together.
+pub async fn measure(
+    c: &Common,
+    heads: usize,
+    workers: usize,
+    window_args: &Window,
+    report: &mut Report,
+) -> Result<PerWorker, String> {
     let mut bench = Bench::heads_only(c, heads, &[], None).await?;
     let ids: Vec<String> = bench.rig.head_ids().to_vec();
     let pids: Vec<u32> = ids.iter().map(|id| bench.rig.pid(id)).collect();
@@ -44,7 +140,7 @@ pub async fn run(args: &SteadyArgs) -> Result<Report, String> {
         .map(|p| procfs::status_kib(Pid::Of(*p), "VmRSS").unwrap_or(0))
         .collect();
     let attach_took = bench.add_workers(c, workers).await?;
-    tokio::time::sleep(args.warmup).await;
+    tokio::time::sleep(window_args.warmup).await;
 
     let views0 = bench.fleet.views();
     let stats0 = bench.rig.commandstats()?;
@@ -54,7 +150,7 @@ pub async fn run(args: &SteadyArgs) -> Result<Report, String> {
     let t0 = Instant::now();
     // A worker that drops out and comes back shows in its reassignment
     // count; one that stays out, in its beat gap.
-    let window_gaps = bench.fleet.watch_gaps(args.duration).await;
+    let window_gaps = bench.fleet.watch_gaps(window_args.duration).await;
     let window = t0.elapsed();
     let cpu1: Vec<_> = pids.iter().map(|p| procfs::cpu(Pid::Of(*p))).collect();
     let me1 = procfs::cpu(Pid::Me);
@@ -70,10 +166,16 @@ pub async fn run(args: &SteadyArgs) -> Result<Report, String> {
     let mut head_rows = Vec::new();
     let mut worst_cpu: f64 = 0.0;
     let mut worst_rss_per_worker: f64 = 0.0;
+    let mut heads_cpu = std::time::Duration::ZERO;
+    let mut heads_rss_growth: u64 = 0;
+    let mut heads_attached: usize = 0;
     for (k, id) in ids.iter().enumerate() {
         let pid = Pid::Of(pids[k]);
         let (cpu, sys) = match (cpu0[k], cpu1[k]) {
-            (Some(a), Some(b)) => (procfs::cpu_percent(a, b), procfs::sys_percent(a, b)),
+            (Some(a), Some(b)) => {
+                heads_cpu += procfs::cpu_between(a, b);
+                (procfs::cpu_percent(a, b), procfs::sys_percent(a, b))
+            }
             _ => (f64::NAN, f64::NAN),
         };
         let rss = procfs::status_kib(pid, "VmRSS").unwrap_or(0);
@@ -82,6 +184,8 @@ pub async fn run(args: &SteadyArgs) -> Result<Report, String> {
         let attached = loads.get(id).copied().unwrap_or(0);
         let per_worker = rss as f64 / attached.max(1) as f64;
         let per_worker_delta = rss.saturating_sub(rss_empty[k]) as f64 / attached.max(1) as f64;
+        heads_rss_growth += rss.saturating_sub(rss_empty[k]);
+        heads_attached += attached;
         worst_cpu = worst_cpu.max(cpu);
         worst_rss_per_worker = worst_rss_per_worker.max(per_worker);
         head_rows.push(obj([
@@ -237,5 +341,10 @@ pub async fn run(args: &SteadyArgs) -> Result<Report, String> {
     );
     report.note("the simulated workers, the heads and Redis share the machine's cores");
     bench.stop().await;
-    Ok(report)
+    Ok(PerWorker::new(
+        heads_cpu,
+        window,
+        heads_attached,
+        heads_rss_growth,
+    ))
 }
