@@ -55,8 +55,8 @@ test: test-deps ## Run the whole test suite (each test starts its own Redis)
 chaos: redis ## Chaos with 200 tether-worker processes over SEEDS fresh seeds (about 1.5 min each)
 	TETHER_CHAOS_SEEDS=$(SEEDS) $(CARGO) test $(CARGO_FLAGS) --test chaos_processes -- --nocapture seeded_schedules $(TEST_ARGS)
 
-bench: redis ## Every tether-bench scenario at full size (about 10 min); JSON in target/bench/
-	$(CARGO) build $(CARGO_FLAGS) --release --bin tether-head -p tether-bench
+bench: redis ## Every tether-bench scenario at full size (about 15 min); JSON and SVG charts in target/bench/
+	$(CARGO) build $(CARGO_FLAGS) --release -p tether --bin tether-head --bin tether-worker -p tether-bench --bin tether-bench
 	@mkdir -p target/bench
 	@for s in failover hang drain scale-up steady capacity; do \
 		target/release/tether-bench $$s --json target/bench/$$s.json || exit 1; \
