@@ -76,6 +76,7 @@ fn beat(worker_id: &str, epoch: u64, secret: &str) -> WorkerBeat {
         sequence: 0,
         load: None,
         stream_secret: secret.to_owned(),
+        reassign: None,
     }
 }
 

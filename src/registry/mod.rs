@@ -259,6 +259,10 @@ pub struct AssignRequest<'a> {
     /// Heads that do not count as live in the load bound: the one the
     /// worker lost, and those it found unreachable or full.
     pub excluded: &'a [String],
+    /// The worker's stream is already open (adopt on open): record the
+    /// assignment streaming at once, which `claim` does otherwise when
+    /// the stream opens after `Reassign`.
+    pub streaming: bool,
 }
 
 /// What a head writes into its lease.
@@ -610,7 +614,8 @@ impl Registry {
             .arg(req.slack_permille)
             .arg(req.capacity)
             .arg(req.instance)
-            .arg(req.worker_addr);
+            .arg(req.worker_addr)
+            .arg(if req.streaming { "s" } else { "p" });
         for head in req.excluded {
             inv.arg(head);
         }

@@ -229,9 +229,10 @@ return out
 /// ARGV: 1 head id, 2 worker id, 3 epoch seed (decimal), 4 lease ms,
 /// 5 head key prefix, 6 assignment-hash key prefix, 7 fence-list key
 /// prefix, 8 slack in thousandths, 9 capacity (0: none), 10 worker
-/// instance (may be empty), 11 worker addr, 12... heads that do not count
-/// as live in the load bound (lost, unreachable or full, as the worker
-/// reports them).
+/// instance (may be empty), 11 worker addr, 12 the state to record (`p`:
+/// adopted by `Reassign`, stream not open yet; `s`: adopted on open, the
+/// stream is already open), 13... heads that do not count as live in the
+/// load bound (lost, unreachable or full, as the worker reports them).
 ///
 /// Returns the epoch as a decimal string. Fails with `NOLEASE`,
 /// `DRAINING`, `FULL load bound`, `CAPACITY load capacity` or
@@ -248,7 +249,7 @@ if redis.call('HGET', KEYS[1], 'state') == 'draining' then
 end
 local me, worker, instance = ARGV[1], ARGV[2], ARGV[10]
 local excluded = {}
-for i = 12, #ARGV do excluded[ARGV[i]] = true end
+for i = 13, #ARGV do excluded[ARGV[i]] = true end
 -- W: workers assigned to live heads, plus this one unless counted.
 -- H: live heads not draining, minus the excluded ones.
 -- holders: the heads whose hash holds this worker.
@@ -299,7 +300,7 @@ for _, id in ipairs(holders) do
     redis.call('PEXPIRE', fence, ARGV[4])
   end
 end
-redis.call('HSET', KEYS[2], worker, value(epoch, instance, 'p', ARGV[11]))
+redis.call('HSET', KEYS[2], worker, value(epoch, instance, ARGV[12], ARGV[11]))
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return epoch
 "#,
