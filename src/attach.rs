@@ -80,6 +80,9 @@ struct Link {
     timeout: Duration,
     tx: mpsc::Sender<WorkerBeat>,
     inbound: Streaming<HeadBeat>,
+    /// The heads version of the head's last beat: while the worker's list
+    /// of heads was read at it, a move needs no new list.
+    heads_version: u64,
 }
 
 /// Why holding a stream ended.
@@ -92,6 +95,8 @@ enum Ended {
         /// the same head if it is still registered.
         retry_same: bool,
         timeout: Duration,
+        /// The heads version of the head's last beat.
+        heads_version: u64,
     },
 }
 
@@ -167,6 +172,9 @@ struct Attempt<'a> {
     /// Reported to the head as the previous one.
     previous: Option<&'a str>,
     reason: ReassignReason,
+    /// The heads version the worker's last head beat: the list of heads
+    /// read at that version is reused instead of read again.
+    heads_version: Option<u64>,
 }
 
 /// Runs the attach loop of one worker until `shutdown`. Never returns on
@@ -190,6 +198,8 @@ pub async fn run(
     // or retried once first if its stream merely broke.
     let mut lost: Option<(String, Instant, bool)> = None;
     let mut previous: Option<String> = None;
+    // The heads version of the lost head's last beat.
+    let mut last_version: Option<u64> = None;
     let mut failures = 0u32;
     loop {
         if shutdown.is_triggered() {
@@ -218,6 +228,9 @@ pub async fn run(
                 None => ReassignReason::Startup,
                 Some(_) => ReassignReason::HeadLost,
             },
+            // Only the first attempt after a loss: once every head
+            // refused, the list is read again.
+            heads_version: last_version.filter(|_| failures == 0),
         };
         let link = tokio::select! {
             l = establish(&cfg, &instance, discovery, attempt) => l,
@@ -285,7 +298,9 @@ pub async fn run(
                 reason,
                 retry_same,
                 timeout,
+                heads_version,
             } => {
+                last_version = Some(heads_version);
                 let now = Instant::now();
                 status.send_modify(|s| {
                     s.attached = false;
@@ -340,7 +355,10 @@ async fn establish(
     let mut order: Vec<HeadEntry> = Vec::new();
     let needs_registry = !attempt.only_prefer || attempt.prefer_if_listed;
     // The head being left (or lost) is not asked for the list.
-    let listed = if needs_registry {
+    let known = attempt.heads_version.and_then(|v| discovery.known_at(v));
+    let listed = if let (true, Some(known)) = (needs_registry, known) {
+        known
+    } else if needs_registry {
         discovery
             .list(cfg, None, attempt.skip.or(attempt.previous))
             .await
@@ -526,13 +544,13 @@ async fn open(
         match inbound.message().await {
             Ok(Some(beat)) => match mismatch(&beat, &head.id, epoch) {
                 Some(why) => Err(why),
-                None => Ok(inbound),
+                None => Ok((inbound, beat.heads_version)),
             },
             Ok(None) => Err("the head ended the stream before its first beat".to_owned()),
             Err(s) => Err(format!("stream error: {:?}: {}", s.code(), s.message())),
         }
     };
-    let inbound = tokio::time::timeout(timeout, first)
+    let (inbound, heads_version) = tokio::time::timeout(timeout, first)
         .await
         .map_err(|_| Refusal::Unusable(format!("no first HeadBeat within {timeout:?}")))?
         .map_err(Refusal::Unusable)?;
@@ -543,6 +561,7 @@ async fn open(
         timeout,
         tx,
         inbound,
+        heads_version,
     })
 }
 
@@ -612,6 +631,7 @@ async fn open_adopting(
             timeout,
             tx,
             inbound,
+            heads_version: beat.heads_version,
         })
     };
     let bound = cfg.connect_timeout * 2;
@@ -720,6 +740,7 @@ async fn hold(
                         return lost(&link, why, false);
                     }
                     deadline.as_mut().reset(tokio::time::Instant::now() + link.timeout);
+                    link.heads_version = beat.heads_version;
                     let now = Instant::now();
                     METRICS.beats_received.inc();
                     status.send_modify(|s| {
@@ -750,7 +771,7 @@ async fn hold(
                             _ => ReassignReason::Rebalance,
                         };
                         info!(worker = %cfg.worker_id, head = %link.head.id, to = %redirect.suggested_head_id, reason = redirect.reason().as_str_name(), "head asks us to move");
-                        moving = Some(Box::pin(follow(cfg, instance, discovery, redirect, link.head.id.clone())));
+                        moving = Some(Box::pin(follow(cfg, instance, discovery, redirect, link.head.id.clone(), link.heads_version)));
                     }
                 }
                 Ok(None) | Err(_) if moving.is_some() => old_dead = true,
@@ -800,6 +821,7 @@ async fn follow(
     discovery: &Discovery,
     redirect: Redirect,
     current: String,
+    heads_version: u64,
 ) -> Result<Link, String> {
     let draining = redirect.reason() == RedirectReason::Drain;
     let prefer = (!redirect.suggested_head_id.is_empty()).then(|| HeadEntry {
@@ -826,6 +848,7 @@ async fn follow(
             } else {
                 ReassignReason::Rebalance
             },
+            heads_version: Some(heads_version),
         },
     )
     .await
@@ -844,6 +867,7 @@ fn lost(link: &Link, reason: impl Into<String>, retry_same: bool) -> Ended {
         reason: reason.into(),
         retry_same,
         timeout: link.timeout,
+        heads_version: link.heads_version,
     }
 }
 

@@ -194,15 +194,17 @@ return 1
 /// and left for the sweep in [`REFRESH_LEASE`] to remove and announce (a
 /// worker running this could not announce it).
 ///
-/// KEYS: heads set. ARGV: head key prefix, assignment-hash key prefix.
-/// Returns a flat list: id, addr, state (`ready`, `draining` or `stale`),
-/// assigned workers, start time (Unix ms), `--capacity` (0: none), metrics
-/// address (empty: none, or a head too old to say), for each head. Three commands
-/// per head (`HMGET`, `PTTL`, `HLEN`).
+/// KEYS: heads set, heads version counter. ARGV: head key prefix,
+/// assignment-hash key prefix.
+/// Returns a flat list: the heads version the list was read at, then id,
+/// addr, state (`ready`, `draining` or `stale`), assigned workers, start
+/// time (Unix ms), `--capacity` (0: none), metrics address (empty: none,
+/// or a head too old to say), for each head. Three commands per head
+/// (`HMGET`, `PTTL`, `HLEN`), and one `GET`.
 pub static LIVE_HEADS: LazyLock<Script> = LazyLock::new(|| {
     with_lib(
         r#"
-local out = {}
+local out = {redis.call('GET', KEYS[2]) or '0'}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[1] .. id
   local state, addr, started, capacity, metrics = head_state(key)
