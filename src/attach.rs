@@ -495,13 +495,11 @@ async fn open(
         unavailable_heads: unavailable.to_vec(),
     };
     match open_adopting(cfg, &mut client, head, reassign.clone()).await {
+        Ok(link) => return Ok(link),
+        Err(OnOpen::Refused(refused)) => return Err(refused),
         Err(OnOpen::Unsupported) => {
             debug!(worker = %cfg.worker_id, head = %head.id, "the head predates adopt on open; calling Reassign");
         }
-        other => return other.map_err(|e| match e {
-            OnOpen::Refused(r) => r,
-            OnOpen::Unsupported => unreachable!("handled above"),
-        }),
     }
     let mut request = tonic::Request::new(reassign);
     request.set_timeout(cfg.connect_timeout * 2);
@@ -595,22 +593,24 @@ async fn open_adopting(
         cfg.security.authorize(&mut request);
         let mut inbound = match client.heartbeat(request).await {
             Ok(response) => response.into_inner(),
-            Err(s) if s.code() == tonic::Code::PermissionDenied => {
-                return Err(OnOpen::Unsupported)
-            }
+            Err(s) if s.code() == tonic::Code::PermissionDenied => return Err(OnOpen::Unsupported),
             Err(s) => return Err(OnOpen::Refused(refusal(s))),
         };
         let unusable = |why: String| OnOpen::Refused(Refusal::Unusable(why));
         let beat = match inbound.message().await {
             Ok(Some(beat)) => beat,
-            Ok(None) => return Err(unusable("the head ended the stream before its first beat".into())),
-            Err(s) if s.code() == tonic::Code::PermissionDenied => {
-                return Err(OnOpen::Unsupported)
+            Ok(None) => {
+                return Err(unusable(
+                    "the head ended the stream before its first beat".into(),
+                ))
             }
+            Err(s) if s.code() == tonic::Code::PermissionDenied => return Err(OnOpen::Unsupported),
             Err(s) => return Err(OnOpen::Refused(refusal(s))),
         };
         let Some(answer) = beat.assignment.clone() else {
-            return Err(unusable("the head's first beat carries no assignment".into()));
+            return Err(unusable(
+                "the head's first beat carries no assignment".into(),
+            ));
         };
         if answer.head_id != head.id {
             // As with `Reassign`: another head answers at this address.
@@ -635,11 +635,13 @@ async fn open_adopting(
         })
     };
     let bound = cfg.connect_timeout * 2;
-    tokio::time::timeout(bound, opened).await.unwrap_or_else(|_| {
-        Err(OnOpen::Refused(Refusal::Unusable(format!(
-            "no first HeadBeat within {bound:?}"
-        ))))
-    })
+    tokio::time::timeout(bound, opened)
+        .await
+        .unwrap_or_else(|_| {
+            Err(OnOpen::Refused(Refusal::Unusable(format!(
+                "no first HeadBeat within {bound:?}"
+            ))))
+        })
 }
 
 /// How a head's refusal of `Reassign` (or of adopt on open) is taken.
