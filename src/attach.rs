@@ -80,6 +80,9 @@ struct Link {
     timeout: Duration,
     tx: mpsc::Sender<WorkerBeat>,
     inbound: Streaming<HeadBeat>,
+    /// The heads version of the head's last beat: while the worker's list
+    /// of heads was read at it, a move needs no new list.
+    heads_version: u64,
 }
 
 /// Why holding a stream ended.
@@ -92,6 +95,8 @@ enum Ended {
         /// the same head if it is still registered.
         retry_same: bool,
         timeout: Duration,
+        /// The heads version of the head's last beat.
+        heads_version: u64,
     },
 }
 
@@ -157,6 +162,9 @@ struct Attempt<'a> {
     /// Reported to the head as the previous one.
     previous: Option<&'a str>,
     reason: ReassignReason,
+    /// The heads version the worker's last head beat: the list of heads
+    /// read at that version is reused instead of read again.
+    heads_version: Option<u64>,
 }
 
 /// Runs the attach loop of one worker until `shutdown`. Never returns on
@@ -180,6 +188,8 @@ pub async fn run(
     // or retried once first if its stream merely broke.
     let mut lost: Option<(String, Instant, bool)> = None;
     let mut previous: Option<String> = None;
+    // The heads version of the lost head's last beat.
+    let mut last_version: Option<u64> = None;
     let mut failures = 0u32;
     loop {
         if shutdown.is_triggered() {
@@ -208,6 +218,9 @@ pub async fn run(
                 None => ReassignReason::Startup,
                 Some(_) => ReassignReason::HeadLost,
             },
+            // Only the first attempt after a loss: once every head
+            // refused, the list is read again.
+            heads_version: last_version.filter(|_| failures == 0),
         };
         let link = tokio::select! {
             l = establish(&cfg, &instance, discovery, attempt) => l,
@@ -275,7 +288,9 @@ pub async fn run(
                 reason,
                 retry_same,
                 timeout,
+                heads_version,
             } => {
+                last_version = Some(heads_version);
                 let now = Instant::now();
                 status.send_modify(|s| {
                     s.attached = false;
@@ -330,7 +345,10 @@ async fn establish(
     let mut order: Vec<HeadEntry> = Vec::new();
     let needs_registry = !attempt.only_prefer || attempt.prefer_if_listed;
     // The head being left (or lost) is not asked for the list.
-    let listed = if needs_registry {
+    let known = attempt.heads_version.and_then(|v| discovery.known_at(v));
+    let listed = if let (true, Some(known)) = (needs_registry, known) {
+        known
+    } else if needs_registry {
         discovery
             .list(cfg, None, attempt.skip.or(attempt.previous))
             .await
@@ -436,8 +454,10 @@ async fn establish(
 /// The most heads a `Reassign` may name unavailable.
 const MAX_UNAVAILABLE: usize = 64;
 
-/// Dials one head, calls `Reassign`, opens `Heartbeat` and waits for the
-/// head's first beat.
+/// Dials one head, has it adopt the worker and waits for the head's first
+/// beat on a new `Heartbeat` stream: in one exchange (adopt on open, see
+/// [`open_adopting`]), or, with a head older than that, `Reassign` then
+/// `Heartbeat` on the same connection.
 async fn open(
     cfg: &AttachConfig,
     instance: &str,
@@ -456,28 +476,28 @@ async fn open(
         .await
         .map_err(|e| Refusal::Unusable(format!("cannot connect to {}: {e}", head.addr)))?;
     let mut client = HeadServiceClient::new(channel);
-    let mut request = tonic::Request::new(ReassignRequest {
+    let reassign = ReassignRequest {
         worker_id: cfg.worker_id.clone(),
         worker_addr: cfg.worker_addr.clone(),
         previous_head_id: previous.unwrap_or_default().to_owned(),
         reason: reason as i32,
         instance: instance.to_owned(),
         unavailable_heads: unavailable.to_vec(),
-    });
+    };
+    match open_adopting(cfg, &mut client, head, reassign.clone()).await {
+        Ok(link) => return Ok(link),
+        Err(OnOpen::Refused(refused)) => return Err(refused),
+        Err(OnOpen::Unsupported) => {
+            debug!(worker = %cfg.worker_id, head = %head.id, "the head predates adopt on open; calling Reassign");
+        }
+    }
+    let mut request = tonic::Request::new(reassign);
     request.set_timeout(cfg.connect_timeout * 2);
     cfg.security.authorize(&mut request);
     let answer = client
         .reassign(request)
         .await
-        .map_err(|s| {
-            let why = format!("{:?}: {}", s.code(), s.message());
-            let limit = s.metadata().get(REFUSAL_KEY).and_then(|v| v.to_str().ok());
-            match (s.code(), limit) {
-                (tonic::Code::AlreadyExists, _) => Refusal::Held(why),
-                (tonic::Code::ResourceExhausted, Some("load-bound")) => Refusal::Bound(why),
-                _ => Refusal::Unusable(why),
-            }
-        })?
+        .map_err(refusal)?
         .into_inner();
     if answer.head_id != head.id {
         // Another head answers at this address (a misconfigured
@@ -487,8 +507,7 @@ async fn open(
             answer.head_id, head.id
         )));
     }
-    let interval = Duration::from_millis(u64::from(answer.heartbeat_interval_ms.max(1)));
-    let timeout = Duration::from_millis(u64::from(answer.heartbeat_timeout_ms)).max(interval * 2);
+    let (interval, timeout) = timing(&answer);
     let epoch = answer.epoch;
 
     // Two slots: the first beat, and one tick. If the head stops reading,
@@ -500,6 +519,7 @@ async fn open(
         sequence: 0,
         load: None,
         stream_secret: answer.stream_secret,
+        reassign: None,
     });
     let first = async {
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
@@ -512,13 +532,13 @@ async fn open(
         match inbound.message().await {
             Ok(Some(beat)) => match mismatch(&beat, &head.id, epoch) {
                 Some(why) => Err(why),
-                None => Ok(inbound),
+                None => Ok((inbound, beat.heads_version)),
             },
             Ok(None) => Err("the head ended the stream before its first beat".to_owned()),
             Err(s) => Err(format!("stream error: {:?}: {}", s.code(), s.message())),
         }
     };
-    let inbound = tokio::time::timeout(timeout, first)
+    let (inbound, heads_version) = tokio::time::timeout(timeout, first)
         .await
         .map_err(|_| Refusal::Unusable(format!("no first HeadBeat within {timeout:?}")))?
         .map_err(Refusal::Unusable)?;
@@ -529,7 +549,107 @@ async fn open(
         timeout,
         tx,
         inbound,
+        heads_version,
     })
+}
+
+/// Why adopt on open did not give a stream.
+enum OnOpen {
+    /// The head predates `WorkerBeat.reassign` (it answered
+    /// PERMISSION_DENIED, having found no secret): use `Reassign`.
+    Unsupported,
+    /// The head refused, as `Reassign` would have.
+    Refused(Refusal),
+}
+
+/// Adopt on open: the first `WorkerBeat` of a new stream carries the
+/// `Reassign`, and the head's first `HeadBeat` its answer. One call and
+/// one round trip instead of two, and one registry call on the head
+/// instead of two. Bounded like the `Reassign` it replaces.
+async fn open_adopting(
+    cfg: &AttachConfig,
+    client: &mut HeadServiceClient<tonic::transport::Channel>,
+    head: &HeadEntry,
+    reassign: ReassignRequest,
+) -> Result<Link, OnOpen> {
+    let (tx, rx) = mpsc::channel::<WorkerBeat>(2);
+    let _ = tx.try_send(WorkerBeat {
+        worker_id: cfg.worker_id.clone(),
+        reassign: Some(reassign),
+        ..WorkerBeat::default()
+    });
+    let opened = async {
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        cfg.security.authorize(&mut request);
+        let mut inbound = match client.heartbeat(request).await {
+            Ok(response) => response.into_inner(),
+            Err(s) if s.code() == tonic::Code::PermissionDenied => return Err(OnOpen::Unsupported),
+            Err(s) => return Err(OnOpen::Refused(refusal(s))),
+        };
+        let unusable = |why: String| OnOpen::Refused(Refusal::Unusable(why));
+        let beat = match inbound.message().await {
+            Ok(Some(beat)) => beat,
+            Ok(None) => {
+                return Err(unusable(
+                    "the head ended the stream before its first beat".into(),
+                ))
+            }
+            Err(s) if s.code() == tonic::Code::PermissionDenied => return Err(OnOpen::Unsupported),
+            Err(s) => return Err(OnOpen::Refused(refusal(s))),
+        };
+        let Some(answer) = beat.assignment.clone() else {
+            return Err(unusable(
+                "the head's first beat carries no assignment".into(),
+            ));
+        };
+        if answer.head_id != head.id {
+            // As with `Reassign`: another head answers at this address.
+            // Dropping the stream makes that head release the adoption.
+            return Err(unusable(format!(
+                "answered as head {:?}, registry says {:?}",
+                answer.head_id, head.id
+            )));
+        }
+        if let Some(why) = mismatch(&beat, &head.id, answer.epoch) {
+            return Err(unusable(why));
+        }
+        let (interval, timeout) = timing(&answer);
+        Ok(Link {
+            head: head.clone(),
+            epoch: answer.epoch,
+            interval,
+            timeout,
+            tx,
+            inbound,
+            heads_version: beat.heads_version,
+        })
+    };
+    let bound = cfg.connect_timeout * 2;
+    tokio::time::timeout(bound, opened)
+        .await
+        .unwrap_or_else(|_| {
+            Err(OnOpen::Refused(Refusal::Unusable(format!(
+                "no first HeadBeat within {bound:?}"
+            ))))
+        })
+}
+
+/// How a head's refusal of `Reassign` (or of adopt on open) is taken.
+fn refusal(s: tonic::Status) -> Refusal {
+    let why = format!("{:?}: {}", s.code(), s.message());
+    let limit = s.metadata().get(REFUSAL_KEY).and_then(|v| v.to_str().ok());
+    match (s.code(), limit) {
+        (tonic::Code::AlreadyExists, _) => Refusal::Held(why),
+        (tonic::Code::ResourceExhausted, Some("load-bound")) => Refusal::Bound(why),
+        _ => Refusal::Unusable(why),
+    }
+}
+
+/// The heartbeat interval and timeout a head dictates.
+fn timing(answer: &crate::pb::ReassignResponse) -> (Duration, Duration) {
+    let interval = Duration::from_millis(u64::from(answer.heartbeat_interval_ms.max(1)));
+    let timeout = Duration::from_millis(u64::from(answer.heartbeat_timeout_ms)).max(interval * 2);
+    (interval, timeout)
 }
 
 /// How long a stopping worker waits for its head to acknowledge the end
@@ -612,6 +732,7 @@ async fn hold(
                         return lost(&link, why, false);
                     }
                     deadline.as_mut().reset(tokio::time::Instant::now() + link.timeout);
+                    link.heads_version = beat.heads_version;
                     let now = Instant::now();
                     METRICS.beats_received.inc();
                     status.send_modify(|s| {
@@ -642,7 +763,7 @@ async fn hold(
                             _ => ReassignReason::Rebalance,
                         };
                         info!(worker = %cfg.worker_id, head = %link.head.id, to = %redirect.suggested_head_id, reason = redirect.reason().as_str_name(), "head asks us to move");
-                        moving = Some(Box::pin(follow(cfg, instance, discovery, redirect, link.head.id.clone())));
+                        moving = Some(Box::pin(follow(cfg, instance, discovery, redirect, link.head.id.clone(), link.heads_version)));
                     }
                 }
                 Ok(None) | Err(_) if moving.is_some() => old_dead = true,
@@ -692,6 +813,7 @@ async fn follow(
     discovery: &Discovery,
     redirect: Redirect,
     current: String,
+    heads_version: u64,
 ) -> Result<Link, String> {
     let draining = redirect.reason() == RedirectReason::Drain;
     let prefer = (!redirect.suggested_head_id.is_empty()).then(|| HeadEntry {
@@ -718,6 +840,7 @@ async fn follow(
             } else {
                 ReassignReason::Rebalance
             },
+            heads_version: Some(heads_version),
         },
     )
     .await
@@ -736,6 +859,7 @@ fn lost(link: &Link, reason: impl Into<String>, retry_same: bool) -> Ended {
         reason: reason.into(),
         retry_same,
         timeout: link.timeout,
+        heads_version: link.heads_version,
     }
 }
 

@@ -37,7 +37,7 @@ pub enum Source {
 pub struct Discovery {
     sources: Vec<Source>,
     /// The last list, in preference order, and the heads version it was
-    /// read at (0 when unknown, e.g. read from Redis).
+    /// read at (0 when unknown: a head too old to say).
     known: Mutex<(Vec<HeadEntry>, u64)>,
     /// Set once an old head (UNIMPLEMENTED) was reported, to say it once.
     told_unimplemented: AtomicBool,
@@ -65,12 +65,31 @@ impl Discovery {
     }
 
     /// True when a head reports a heads version other than the one the
-    /// last list was read at, so the list should be read again. Only the
-    /// heads source tracks versions.
+    /// last list was read at, so the list should be read again. Only with
+    /// the heads source first: re-reading the registry in every worker
+    /// whenever a head joins or leaves would cost Redis a read per worker;
+    /// a registry worker whose list is out of date reads it when it moves
+    /// (see [`Discovery::known_at`]).
     pub fn outdated(&self, version: u64) -> bool {
         version != 0
             && matches!(self.sources.first(), Some(Source::Heads(_)))
             && self.lock().1 != version
+    }
+
+    /// The last list, if it was read at heads version `version` (0 is
+    /// never a match): as current as a new read as far as heads joining
+    /// and leaving go, since every registration, deregistration and sweep
+    /// bumps the version, and `version` is what the worker's head beat
+    /// last (at most about one interval old). A worker that lost its head
+    /// moves on this list without asking anyone: no `ListHeads` call (a
+    /// connection and a round trip) or registry read per move. What the
+    /// list may not show is a state change that keeps the version (a head
+    /// that began draining, or went stale): such a head refuses or does
+    /// not answer, and the worker tries the next one, as it would with a
+    /// fresh list that was read just before the change.
+    pub fn known_at(&self, version: u64) -> Option<Vec<HeadEntry>> {
+        let known = self.lock();
+        (version != 0 && known.1 == version && !known.0.is_empty()).then(|| known.0.clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<HeadEntry>, u64)> {
@@ -91,9 +110,9 @@ impl Discovery {
         for source in &self.sources {
             let read = match source {
                 Source::Registry(registry) => registry
-                    .live_heads()
+                    .live_heads_versioned()
                     .await
-                    .map(|heads| (order_locally(&cfg.worker_id, heads), None))
+                    .map(|(heads, version)| (order_locally(&cfg.worker_id, heads), Some(version)))
                     .map_err(|e| format!("cannot read the registry: {e}")),
                 Source::Heads(bootstrap) => self
                     .ask_heads(cfg, bootstrap, ask_first, avoid)
@@ -104,9 +123,7 @@ impl Discovery {
                 Ok((heads, version)) => {
                     let mut known = self.lock();
                     known.0 = heads.clone();
-                    if let Some(v) = version {
-                        known.1 = v;
-                    }
+                    known.1 = version.unwrap_or(0);
                     return Ok(heads);
                 }
                 Err(e) => failures.push(e),

@@ -76,6 +76,7 @@ fn beat(worker_id: &str, epoch: u64, secret: &str) -> WorkerBeat {
         sequence: 0,
         load: None,
         stream_secret: secret.to_owned(),
+        reassign: None,
     }
 }
 
@@ -255,6 +256,88 @@ async fn heartbeat_refuses_unknown_worker_stale_epoch_and_wrong_head() {
         seen,
         vec!["twice@head-0".to_owned()],
         "after one accepted stream"
+    );
+    drop(tx);
+}
+
+/// Adopt on open (`WorkerBeat.reassign`): the head answers as `Reassign`
+/// would. A bad request or a first beat naming another worker is refused
+/// and records nothing; an accepted one is recorded streaming in the same
+/// registry call (no `Reassign`, no `CLAIM`), its first `HeadBeat` carries
+/// the assignment, and a later adoption elsewhere takes a larger epoch.
+#[tokio::test]
+async fn adopt_on_open_answers_as_reassign_would_and_records_the_worker_streaming() {
+    let cluster = two_heads().await;
+    let adopt = |worker_id: &str, named: &str| WorkerBeat {
+        worker_id: named.to_owned(),
+        reassign: Some(reassign_request(worker_id)),
+        ..WorkerBeat::default()
+    };
+
+    let (result, _tx) = heartbeat(&cluster, "head-0", adopt("bad id", "bad id")).await;
+    assert_refused(
+        "adopt on open with a bad worker id",
+        &result,
+        Code::InvalidArgument,
+        "non-printable",
+    );
+    let (result, _tx) = heartbeat(&cluster, "head-0", adopt("one", "another")).await;
+    assert_refused(
+        "adopt on open naming two workers",
+        &result,
+        Code::InvalidArgument,
+        "reassign names",
+    );
+    let fields = ok(cluster
+        .redis()
+        .command(&["HLEN", "{tether}:assigned:head-0"]));
+    assert_eq!(fields, Reply::Integer(0), "refusals must record nothing");
+
+    let (result, tx) = heartbeat(&cluster, "head-0", adopt("fast", "")).await;
+    let mut stream = result.unwrap_or_else(|s| panic!("adopt on open: {s:?}"));
+    let first = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .expect("a HeadBeat within 2s")
+        .expect("no stream error")
+        .expect("the stream is open");
+    let assignment = first
+        .assignment
+        .clone()
+        .unwrap_or_else(|| panic!("the first HeadBeat carries no assignment: {first:?}"));
+    assert_eq!(
+        (assignment.head_id.as_str(), assignment.epoch),
+        ("head-0", first.epoch),
+        "{first:?}"
+    );
+    assert_eq!(assignment.stream_secret.len(), 32, "{assignment:?}");
+    let value = ok(cluster
+        .redis()
+        .command(&["HGET", "{tether}:assigned:head-0", "fast"]));
+    let Reply::Bulk(Some(value)) = value else {
+        panic!("no assignment of the worker adopted on open: {value:?}");
+    };
+    let value = String::from_utf8_lossy(&value).into_owned();
+    assert_eq!(
+        value,
+        format!("{}||s|", first.epoch),
+        "recorded streaming under the epoch of the first HeadBeat"
+    );
+    assert_eq!(listed(&cluster).await, vec!["fast@head-0".to_owned()]);
+
+    // Later beats carry no assignment; a new adoption elsewhere is newer.
+    tx.send(WorkerBeat {
+        sequence: 1,
+        ..WorkerBeat::default()
+    })
+    .await
+    .expect("the stream is open");
+    let (moved, _) = reassign(&cluster, "head-1", "fast")
+        .await
+        .expect("Reassign elsewhere");
+    assert!(
+        moved > first.epoch,
+        "epochs must grow: {} then {moved}",
+        first.epoch
     );
     drop(tx);
 }

@@ -496,6 +496,7 @@ async fn a_stream_without_the_assignment_secret_is_denied_and_disturbs_nobody() 
             worker_id: info.worker_id.clone(),
             epoch: info.epoch,
             stream_secret: secret.clone(),
+            reassign: None,
             ..WorkerBeat::default()
         })
         .await
@@ -540,6 +541,7 @@ async fn a_stream_without_the_assignment_secret_is_denied_and_disturbs_nobody() 
         worker_id: "by-hand".into(),
         epoch: adopted.epoch,
         stream_secret: adopted.stream_secret.clone(),
+        reassign: None,
         ..WorkerBeat::default()
     })
     .await

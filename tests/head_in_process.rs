@@ -238,6 +238,7 @@ fn worker_beat(worker: &str, assigned: &ReassignResponse, sequence: u64) -> Work
         sequence,
         load: None,
         stream_secret: assigned.stream_secret.clone(),
+        reassign: None,
     }
 }
 
@@ -283,6 +284,7 @@ impl HandMade {
             sequence: self.sequence,
             load: None,
             stream_secret: self.secret.clone(),
+            reassign: None,
         };
         // The head may have ended the stream already; the next read says.
         let _ = self.beats.send(beat).await;

@@ -651,14 +651,17 @@ fn worker_beats() -> impl Strategy<Value = WorkerBeat> {
         any::<u64>(),
         proptest::option::of(proptest::num::f64::ANY),
         text(),
+        // Adopt on open: the first beat may carry a `Reassign` of its own.
+        proptest::option::of(reassign_requests()),
     )
         .prop_map(
-            |(worker_id, epoch, sequence, load, stream_secret)| WorkerBeat {
+            |(worker_id, epoch, sequence, load, stream_secret, reassign)| WorkerBeat {
                 worker_id,
                 epoch,
                 sequence,
                 load,
                 stream_secret,
+                reassign,
             },
         )
 }

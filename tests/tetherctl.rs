@@ -306,6 +306,7 @@ impl MuxFleet {
                     sequence,
                     load: None,
                     stream_secret: answer.stream_secret.clone(),
+                    reassign: None,
                 };
                 let _ = tx.try_send(beat(0));
                 let Ok(response) = client

@@ -137,6 +137,7 @@ impl HeartbeatBody {
             epoch: self.stream.epoch,
             redirect: None,
             heads_version: self.svc.lease.heads_version(),
+            assignment: None,
         }
     }
 

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
@@ -171,15 +172,15 @@ fn validate_reassign(req: &ReassignRequest) -> Result<(), Status> {
     Ok(())
 }
 
-#[tonic::async_trait]
-impl HeadService for HeadSvc {
-    #[tracing::instrument(skip_all, fields(worker = %request.get_ref().worker_id))]
-    async fn reassign(
-        &self,
-        request: Request<ReassignRequest>,
-    ) -> Result<Response<ReassignResponse>, Status> {
-        let req = request.into_inner();
-        validate_reassign(&req)?;
+impl HeadSvc {
+    /// Adopts the worker of `req` under a new epoch: the work of `Reassign`,
+    /// shared by adopt on open (`WorkerBeat.reassign`). `streaming` says
+    /// the worker's stream is already open, so the assignment is recorded
+    /// streaming at once. Returns the epoch and the assignment's secret;
+    /// the adoption stays known (see [`Attached::adopting`]) until the
+    /// stream opens or it expires.
+    async fn adopt(&self, req: &ReassignRequest, streaming: bool) -> Result<(u64, Secret), Status> {
+        validate_reassign(req)?;
         self.refuse_if_stopping()?;
         let me = &self.cfg.id;
         if self.drain.begun() || self.lease.draining() {
@@ -223,6 +224,7 @@ impl HeadService for HeadSvc {
                 capacity: self.cfg.capacity,
                 instance: &req.instance,
                 excluded: &excluded,
+                streaming,
             })
             .await;
         let epoch = match assigned {
@@ -276,15 +278,98 @@ impl HeadService for HeadSvc {
             previous = %req.previous_head_id,
             reason = reason.as_str_name(),
             epoch,
+            on_open = streaming,
             "adopted worker"
         );
-        Ok(Response::new(ReassignResponse {
+        Ok((epoch, secret))
+    }
+
+    /// What `Reassign` answers for an adoption.
+    fn assignment(&self, epoch: u64, secret: Secret) -> ReassignResponse {
+        ReassignResponse {
             head_id: self.cfg.id.clone(),
             epoch,
             heartbeat_interval_ms: millis(self.cfg.interval),
             heartbeat_timeout_ms: millis(self.cfg.timeout),
             stream_secret: secret.to_hex(),
-        }))
+        }
+    }
+
+    /// Records an open stream whose first beat was admitted, announces it,
+    /// and returns its response body.
+    fn open_stream(
+        &self,
+        new: NewStream,
+        first: &WorkerBeat,
+        inbound: Streaming<WorkerBeat>,
+    ) -> HeartbeatBody {
+        let stream = self.attached.insert(new, now_ms());
+        stream.record(first.sequence, first.load, tokio::time::Instant::now());
+        debug!(worker = %stream.worker_id, epoch = stream.epoch, "stream open");
+        self.events.emit(
+            EventKind::WorkerAttached,
+            &self.cfg.id,
+            &stream.worker_id,
+            stream.epoch,
+            "",
+            "stream open",
+        );
+        HeartbeatBody::new(self.beat_context(), stream, inbound)
+    }
+
+    /// Adopt on open: the first beat carries the `Reassign` (see
+    /// `WorkerBeat.reassign`). The assignment is recorded streaming in the
+    /// same registry call that adopts the worker, so the stream needs no
+    /// second call (`CLAIM`) and the worker no second round trip; the
+    /// first `HeadBeat` carries what `Reassign` would have answered.
+    #[tracing::instrument(skip_all, fields(worker = %req.worker_id))]
+    async fn adopt_on_open(
+        &self,
+        req: ReassignRequest,
+        first: WorkerBeat,
+        inbound: Streaming<WorkerBeat>,
+    ) -> Result<Response<BeatStream>, Status> {
+        if !first.worker_id.is_empty() && first.worker_id != req.worker_id {
+            return Err(Status::invalid_argument(format!(
+                "the first WorkerBeat names worker {:?} but its reassign names {:?}",
+                first.worker_id, req.worker_id
+            )));
+        }
+        let (epoch, secret) = self.adopt(&req, true).await?;
+        let body = self.open_stream(
+            NewStream {
+                worker_id: req.worker_id,
+                epoch,
+                worker_addr: req.worker_addr,
+                instance: req.instance,
+                secret,
+            },
+            &first,
+            inbound,
+        );
+        let mut assignment = Some(self.assignment(epoch, secret));
+        let body = body.map(move |mut item| {
+            if let Ok(beat) = &mut item {
+                if let Some(a) = assignment.take() {
+                    beat.assignment = Some(a);
+                }
+            }
+            item
+        });
+        Ok(Response::new(Box::pin(body) as BeatStream))
+    }
+}
+
+#[tonic::async_trait]
+impl HeadService for HeadSvc {
+    #[tracing::instrument(skip_all, fields(worker = %request.get_ref().worker_id))]
+    async fn reassign(
+        &self,
+        request: Request<ReassignRequest>,
+    ) -> Result<Response<ReassignResponse>, Status> {
+        let req = request.into_inner();
+        let (epoch, secret) = self.adopt(&req, false).await?;
+        Ok(Response::new(self.assignment(epoch, secret)))
     }
 
     type HeartbeatStream = BeatStream;
@@ -295,7 +380,7 @@ impl HeadService for HeadSvc {
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         self.refuse_if_stopping()?;
         let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(self.cfg.timeout, inbound.message())
+        let mut first = tokio::time::timeout(self.cfg.timeout, inbound.message())
             .await
             .map_err(|_| {
                 Status::deadline_exceeded(format!(
@@ -306,6 +391,9 @@ impl HeadService for HeadSvc {
             .ok_or_else(|| {
                 Status::invalid_argument("the stream ended before its first WorkerBeat")
             })?;
+        if let Some(req) = first.reassign.take() {
+            return self.adopt_on_open(req, first, inbound).await;
+        }
         validate_id("worker_id", &first.worker_id).map_err(Status::invalid_argument)?;
         // The secret first, changing nothing: a forged stream disturbs
         // nobody, not even by a registry write.
@@ -325,7 +413,7 @@ impl HeadService for HeadSvc {
             }
         };
         let worker_addr = self.claim(&first).await?;
-        let stream = self.attached.insert(
+        let body = self.open_stream(
             NewStream {
                 worker_id: first.worker_id.clone(),
                 epoch: first.epoch,
@@ -333,22 +421,10 @@ impl HeadService for HeadSvc {
                 instance,
                 secret,
             },
-            now_ms(),
+            &first,
+            inbound,
         );
-        stream.record(first.sequence, first.load, tokio::time::Instant::now());
-        debug!(worker = %first.worker_id, epoch = first.epoch, "stream open");
-        self.events.emit(
-            EventKind::WorkerAttached,
-            &self.cfg.id,
-            &first.worker_id,
-            first.epoch,
-            "",
-            "stream open",
-        );
-
-        Ok(Response::new(
-            Box::pin(HeartbeatBody::new(self.beat_context(), stream, inbound)) as BeatStream,
-        ))
+        Ok(Response::new(Box::pin(body) as BeatStream))
     }
 
     async fn list_workers(

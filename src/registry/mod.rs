@@ -259,6 +259,10 @@ pub struct AssignRequest<'a> {
     /// Heads that do not count as live in the load bound: the one the
     /// worker lost, and those it found unreachable or full.
     pub excluded: &'a [String],
+    /// The worker's stream is already open (adopt on open): record the
+    /// assignment streaming at once, which `claim` does otherwise when
+    /// the stream opens after `Reassign`.
+    pub streaming: bool,
 }
 
 /// What a head writes into its lease.
@@ -563,14 +567,27 @@ impl Registry {
 
     /// The heads whose lease is live, sorted by id.
     pub async fn live_heads(&self) -> Result<Vec<HeadEntry>> {
+        self.live_heads_versioned().await.map(|(heads, _)| heads)
+    }
+
+    /// The heads whose lease is live, sorted by id, and the heads version
+    /// they were read at (in the same script, so the two agree): a worker
+    /// may reuse the list for as long as its head's beats carry that
+    /// version.
+    pub async fn live_heads_versioned(&self) -> Result<(Vec<HeadEntry>, u64)> {
         let k = &self.keys;
         let mut inv = scripts::LIVE_HEADS.prepare_invoke();
         inv.key(k.heads())
+            .key(k.heads_version())
             .arg(k.head_prefix())
             .arg(k.assigned_prefix());
         let flat: Vec<redis::Value> = self
             .with_conn(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
+        let (version, flat) = flat
+            .split_first()
+            .ok_or_else(|| RegistryError::Protocol("LIVE_HEADS answered nothing".into()))?;
+        let version = text(version)?.parse().unwrap_or(0);
         let mut heads = Vec::with_capacity(flat.len() / 7);
         for chunk in flat.chunks_exact(7) {
             heads.push(HeadEntry {
@@ -584,7 +601,7 @@ impl Registry {
             });
         }
         heads.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(heads)
+        Ok((heads, version))
     }
 
     /// Assigns the worker to the head under a new epoch, atomically and
@@ -606,7 +623,8 @@ impl Registry {
             .arg(req.slack_permille)
             .arg(req.capacity)
             .arg(req.instance)
-            .arg(req.worker_addr);
+            .arg(req.worker_addr)
+            .arg(if req.streaming { "s" } else { "p" });
         for head in req.excluded {
             inv.arg(head);
         }

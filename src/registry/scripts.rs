@@ -194,15 +194,17 @@ return 1
 /// and left for the sweep in [`REFRESH_LEASE`] to remove and announce (a
 /// worker running this could not announce it).
 ///
-/// KEYS: heads set. ARGV: head key prefix, assignment-hash key prefix.
-/// Returns a flat list: id, addr, state (`ready`, `draining` or `stale`),
-/// assigned workers, start time (Unix ms), `--capacity` (0: none), metrics
-/// address (empty: none, or a head too old to say), for each head. Three commands
-/// per head (`HMGET`, `PTTL`, `HLEN`).
+/// KEYS: heads set, heads version counter. ARGV: head key prefix,
+/// assignment-hash key prefix.
+/// Returns a flat list: the heads version the list was read at, then id,
+/// addr, state (`ready`, `draining` or `stale`), assigned workers, start
+/// time (Unix ms), `--capacity` (0: none), metrics address (empty: none,
+/// or a head too old to say), for each head. Three commands per head
+/// (`HMGET`, `PTTL`, `HLEN`), and one `GET`.
 pub static LIVE_HEADS: LazyLock<Script> = LazyLock::new(|| {
     with_lib(
         r#"
-local out = {}
+local out = {redis.call('GET', KEYS[2]) or '0'}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[1] .. id
   local state, addr, started, capacity, metrics = head_state(key)
@@ -229,9 +231,10 @@ return out
 /// ARGV: 1 head id, 2 worker id, 3 epoch seed (decimal), 4 lease ms,
 /// 5 head key prefix, 6 assignment-hash key prefix, 7 fence-list key
 /// prefix, 8 slack in thousandths, 9 capacity (0: none), 10 worker
-/// instance (may be empty), 11 worker addr, 12... heads that do not count
-/// as live in the load bound (lost, unreachable or full, as the worker
-/// reports them).
+/// instance (may be empty), 11 worker addr, 12 the state to record (`p`:
+/// adopted by `Reassign`, stream not open yet; `s`: adopted on open, the
+/// stream is already open), 13... heads that do not count as live in the
+/// load bound (lost, unreachable or full, as the worker reports them).
 ///
 /// Returns the epoch as a decimal string. Fails with `NOLEASE`,
 /// `DRAINING`, `FULL load bound`, `CAPACITY load capacity` or
@@ -248,7 +251,7 @@ if redis.call('HGET', KEYS[1], 'state') == 'draining' then
 end
 local me, worker, instance = ARGV[1], ARGV[2], ARGV[10]
 local excluded = {}
-for i = 12, #ARGV do excluded[ARGV[i]] = true end
+for i = 13, #ARGV do excluded[ARGV[i]] = true end
 -- W: workers assigned to live heads, plus this one unless counted.
 -- H: live heads not draining, minus the excluded ones.
 -- holders: the heads whose hash holds this worker.
@@ -299,7 +302,7 @@ for _, id in ipairs(holders) do
     redis.call('PEXPIRE', fence, ARGV[4])
   end
 end
-redis.call('HSET', KEYS[2], worker, value(epoch, instance, 'p', ARGV[11]))
+redis.call('HSET', KEYS[2], worker, value(epoch, instance, ARGV[12], ARGV[11]))
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return epoch
 "#,
