@@ -47,7 +47,6 @@ pub async fn run(args: &CapacityArgs) -> Result<Report, String> {
         return Err("capacity measures one head; leave out --heads".into());
     }
     let mut common = args.common.clone();
-    common.registry_pool.get_or_insert(4);
     // Each step's ramp must not be what breaks the fleet already held.
     common.ramp_rate.get_or_insert(500.0);
     let c = &common;

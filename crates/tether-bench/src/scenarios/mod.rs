@@ -53,12 +53,6 @@ pub struct Common {
     #[arg(long)]
     pub ramp_rate: Option<f64>,
 
-    /// Size of the simulated workers' Redis pool. They share one
-    /// multiplexed connection, which the pool only makes (and remakes after
-    /// a failure) [default: 32; 4 for `capacity`].
-    #[arg(long)]
-    pub registry_pool: Option<usize>,
-
     /// The workers' bound on dialing a head and on each call.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
@@ -114,11 +108,6 @@ impl Common {
         self.ramp_rate.unwrap_or(2000.0)
     }
 
-    /// The size of the workers' shared Redis pool.
-    pub fn pool(&self) -> usize {
-        self.registry_pool.unwrap_or(32).max(1)
-    }
-
     /// The timeout a worker applies to a silent head: the head's, but at
     /// least two intervals (see `attach::open`).
     pub fn worker_timeout(&self) -> Duration {
@@ -133,7 +122,6 @@ impl Common {
         report.config("heartbeat_timeout_ms", ms(self.heartbeat_timeout));
         report.config("lease_ttl_ms", ms(self.lease_ttl));
         report.config("ramp_rate", self.ramp());
-        report.config("registry_pool", self.pool());
         report.config("threads", self.threads.unwrap_or(0));
         if !self.head_args.is_empty() {
             report.config(
