@@ -15,7 +15,7 @@ use super::beat::Tick;
 use super::lease::LeaseState;
 use crate::events::Events;
 use crate::metrics::METRICS;
-use crate::pb::{EventKind, HeadBeat, WorkerBeat};
+use crate::pb::{EventKind, HeadBeat, ReassignResponse, WorkerBeat};
 use crate::registry::now_ms;
 use crate::registry::Registry;
 use std::pin::Pin;
@@ -66,8 +66,7 @@ impl Gone {
 /// What a beat stream needs of its head, and nothing more: its id and
 /// timeout, the table it leaves when it ends, whether the lease lets it
 /// beat, the beat timer, and where to release the assignment and announce
-/// the departure. Cheap to clone (one per stream).
-#[derive(Clone)]
+/// the departure. One per head, shared by its streams.
 pub struct BeatContext {
     /// This head's id, stamped on every beat.
     pub head_id: Arc<str>,
@@ -90,7 +89,7 @@ pub struct BeatContext {
 
 /// The response body of one `Heartbeat` stream.
 pub struct HeartbeatBody {
-    svc: BeatContext,
+    svc: Arc<BeatContext>,
     stream: Arc<Stream>,
     inbound: Streaming<WorkerBeat>,
     /// The phase of the beat timer this stream beats on; it ends when the
@@ -110,7 +109,7 @@ pub struct HeartbeatBody {
 
 impl HeartbeatBody {
     /// The body of the stream that `stream` records.
-    pub fn new(svc: BeatContext, stream: Arc<Stream>, inbound: Streaming<WorkerBeat>) -> Self {
+    pub fn new(svc: Arc<BeatContext>, stream: Arc<Stream>, inbound: Streaming<WorkerBeat>) -> Self {
         let mut phase = svc.ticks.next_phase();
         // Seen: the next change is the next tick, not this one.
         let tick = *phase.borrow_and_update();
@@ -127,6 +126,16 @@ impl HeartbeatBody {
         };
         body.first = Some(body.beat());
         body
+    }
+
+    /// Puts what `Reassign` would have answered into the first beat (adopt
+    /// on open, see `HeadBeat.assignment`), in the body itself rather than
+    /// in a wrapper that every later beat would pass through.
+    pub fn with_assignment(mut self, assignment: ReassignResponse) -> Self {
+        if let Some(first) = self.first.as_mut() {
+            first.assignment = Some(assignment);
+        }
+        self
     }
 
     fn beat(&self) -> HeadBeat {

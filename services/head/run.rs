@@ -8,6 +8,7 @@
 use super::attached::Attached;
 use super::dashboard::Dashboard;
 use super::drain::Handoff;
+use super::heartbeat::BeatContext;
 use super::lease::{LeaseEnd, LeaseLoop, LeaseState};
 use super::rebalance::Rebalance;
 use super::service::{HeadConfig, HeadSvc};
@@ -131,12 +132,20 @@ pub(super) async fn run(
         attached: attached.clone(),
         lease: lease_state.clone(),
         drain: drain.clone(),
-        ticks,
+        beats: Arc::new(BeatContext {
+            head_id: Arc::from(id.as_str()),
+            timeout: args.heartbeat_timeout,
+            attached: attached.clone(),
+            lease: lease_state.clone(),
+            ticks,
+            registry: registry.clone(),
+            events: events.clone(),
+            tasks: tasks.clone(),
+        }),
         stopping,
         closing,
         events: events.clone(),
         heads: heads_view.clone(),
-        tasks: tasks.clone(),
     };
     let head_service = HeadServiceServer::new(svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
@@ -72,8 +71,9 @@ pub struct HeadSvc {
     pub lease: Arc<LeaseState>,
     /// The drain switch, thrown by the `Drain` RPC.
     pub drain: Arc<Drain>,
-    /// The head's beat timer; each stream beats on one of its phases.
-    pub ticks: super::beat::Beats,
+    /// What every beat stream needs of this head, built once and shared
+    /// (a copy per stream cost an allocation and a dozen words each).
+    pub beats: Arc<BeatContext>,
     /// Triggered first at shutdown: refuse new workers and streams.
     pub stopping: Shutdown,
     /// Triggered once the head left the registry: end every stream.
@@ -82,25 +82,9 @@ pub struct HeadSvc {
     pub events: Events,
     /// The live heads as last read, for `ListHeads`.
     pub heads: Arc<HeadsView>,
-    /// The tasks this service spawns (releases of closed streams).
-    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl HeadSvc {
-    /// What one beat stream needs of this head.
-    fn beat_context(&self) -> BeatContext {
-        BeatContext {
-            head_id: Arc::from(self.cfg.id.as_str()),
-            timeout: self.cfg.timeout,
-            attached: self.attached.clone(),
-            lease: self.lease.clone(),
-            ticks: self.ticks.clone(),
-            registry: self.registry.clone(),
-            events: self.events.clone(),
-            tasks: self.tasks.clone(),
-        }
-    }
-
     fn refuse_if_stopping(&self) -> Result<(), Status> {
         if self.stopping.is_triggered() {
             return Err(Status::unavailable(format!(
@@ -314,7 +298,7 @@ impl HeadSvc {
             "",
             "stream open",
         );
-        HeartbeatBody::new(self.beat_context(), stream, inbound)
+        HeartbeatBody::new(self.beats.clone(), stream, inbound)
     }
 
     /// Adopt on open: the first beat carries the `Reassign` (see
@@ -347,15 +331,7 @@ impl HeadSvc {
             &first,
             inbound,
         );
-        let mut assignment = Some(self.assignment(epoch, secret));
-        let body = body.map(move |mut item| {
-            if let Ok(beat) = &mut item {
-                if let Some(a) = assignment.take() {
-                    beat.assignment = Some(a);
-                }
-            }
-            item
-        });
+        let body = body.with_assignment(self.assignment(epoch, secret));
         Ok(Response::new(Box::pin(body) as BeatStream))
     }
 }
