@@ -32,7 +32,7 @@
 //! - `service.rs`: `HeadService`: Reassign, Heartbeat, ListWorkers, Drain,
 //!   WatchEvents, ListHeads.
 //! - `heartbeat.rs`: one `Heartbeat` stream, served as its own response
-//!   body, with a narrow `BeatContext` (not a clone of the service).
+//!   body, with one narrow `BeatContext` per head, shared by its streams.
 //! - `attached.rs`: the table of open streams.
 //! - `beat.rs`: the head's single beat timer.
 //! - `lease.rs`: the lease loop: refresh, fencing, reclaim, readiness.
