@@ -287,3 +287,47 @@ async fn health_watch_on_a_quiet_head_sends_serving_once() {
         "3 s of Health/Watch on a quiet head (15 lease refreshes)"
     );
 }
+
+/// The head's HTTP/2 buffers start at 1 KiB (vendor/h2/PATCHED.md), so
+/// a header block or a message larger than that must make them grow, not
+/// stall or fail: a 12 KiB request header (one HEADERS frame the head
+/// reads whole and HPACK-decodes through its 256-byte scratch buffer), and
+/// a reflection answer of several KiB (DATA the head writes).
+#[tokio::test]
+async fn header_blocks_and_messages_larger_than_the_http2_buffers_get_through() {
+    let cluster = start_cluster(1, 0).await;
+    let head = cluster.process("head-0").expect("a head").addr;
+
+    let padding: String = (0..12 * 1024)
+        .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+        .collect();
+    let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    });
+    request.metadata_mut().insert(
+        "x-padding",
+        padding.parse().expect("ASCII letters are valid metadata"),
+    );
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel(head));
+    let answer = tokio::time::timeout(Duration::from_secs(5), client.check(request))
+        .await
+        .unwrap_or_else(|_| panic!("the head at {head} did not answer a 12 KiB header block"))
+        .unwrap_or_else(|s| panic!("the head at {head} refused a 12 KiB header block: {s:?}"));
+    assert_eq!(answer.into_inner().status, ServingStatus::Serving as i32);
+
+    use v1::server_reflection_request::MessageRequest;
+    use v1::server_reflection_response::MessageResponse;
+    let answer = ask_v1(
+        head,
+        MessageRequest::FileContainingSymbol(HEAD_SERVICE.to_owned()),
+    )
+    .await;
+    let MessageResponse::FileDescriptorResponse(files) = answer else {
+        panic!("reflection answered {answer:?}");
+    };
+    let size: usize = files.file_descriptor_proto.iter().map(Vec::len).sum();
+    assert!(
+        size > 4 * 1024,
+        "the answer is {size} bytes; this test needs one larger than the head's buffers"
+    );
+}

@@ -98,8 +98,10 @@ pub struct HeartbeatBody {
     /// The last tick seen, stamped on redirects.
     tick: Tick,
     /// The first beat, sent at once: a moving worker counts as attached
-    /// from its first `HeadBeat`, so it must not wait for a tick.
-    first: Option<HeadBeat>,
+    /// from its first `HeadBeat`, so it must not wait for a tick. Boxed: a
+    /// `HeadBeat` is a few hundred bytes that every stream would otherwise
+    /// carry for its whole life (the body lives as long as the stream).
+    first: Option<Box<HeadBeat>>,
     /// Silence after which the worker counts as gone, measured on the
     /// monotonic clock.
     timeout: std::time::Duration,
@@ -124,7 +126,7 @@ impl HeartbeatBody {
             timeout,
             end: None,
         };
-        body.first = Some(body.beat());
+        body.first = Some(Box::new(body.beat()));
         body
     }
 
@@ -171,7 +173,7 @@ impl tokio_stream::Stream for HeartbeatBody {
         }
         if let Some(first) = this.first.take() {
             METRICS.beats_sent.inc();
-            return Poll::Ready(Some(Ok(first)));
+            return Poll::Ready(Some(Ok(*first)));
         }
         this.stream.register(cx.waker());
         if this.stream.is_replaced() {

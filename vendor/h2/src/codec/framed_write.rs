@@ -62,7 +62,7 @@ enum Next<B> {
 
 /// Initialize the connection with this amount of write buffer.
 ///
-/// Tether patch: 1 KiB instead of 16 KiB. A connection that carries a
+/// Tether patch: 512 bytes instead of 16 KiB. A connection that carries a
 /// heartbeat a second never writes more than a few hundred bytes at once,
 /// and the buffer is one allocation per connection for the connection's
 /// life. HEADERS and CONTINUATION frames still fit: `BytesMut` grows when
@@ -70,7 +70,7 @@ enum Next<B> {
 /// payloads of `chain_threshold` bytes or more are chained, not copied.
 /// The buffer is never smaller than twice `min_buffer_capacity`, so
 /// `has_capacity` holds whenever it is empty.
-const DEFAULT_BUFFER_CAPACITY: usize = 1_024;
+const DEFAULT_BUFFER_CAPACITY: usize = 512;
 
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says

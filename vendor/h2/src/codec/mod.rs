@@ -22,7 +22,7 @@ use std::io;
 
 /// Tether patch: the initial read buffer of a connection (see
 /// `with_max_recv_frame_size`).
-const READ_BUFFER_CAPACITY: usize = 1_024;
+const READ_BUFFER_CAPACITY: usize = 256;
 
 #[derive(Debug)]
 pub struct Codec<T, B> {
@@ -52,7 +52,7 @@ where
             .length_adjustment(9)
             .num_skip(0) // Don't skip the header
             .new_codec();
-        // Tether patch: a 1 KiB read buffer instead of tokio-util's 8 KiB
+        // Tether patch: a 256-byte read buffer instead of tokio-util's 8 KiB
         // default. The codec reserves a whole frame's length as soon as it
         // has read the frame's head, so larger frames still arrive whole.
         let delimited =

@@ -27,7 +27,11 @@ struct Slot<T> {
 
 impl<T> Buffer<T> {
     pub fn new() -> Self {
-        Buffer { slab: Slab::new() }
+        // Tether patch: room for one frame or event (see `Store::new`);
+        // the slab grows as before when more are queued at once.
+        Buffer {
+            slab: Slab::with_capacity(1),
+        }
     }
 
     pub fn is_empty(&self) -> bool {

@@ -81,8 +81,11 @@ pub(super) trait Resolve {
 impl Store {
     pub fn new() -> Self {
         Store {
-            slab: slab::Slab::new(),
-            ids: IndexMap::new(),
+            // Tether patch: room for one stream. A connection of a
+            // Tether worker carries one long stream; an empty `Vec` grows
+            // to four slots at its first push.
+            slab: slab::Slab::with_capacity(1),
+            ids: IndexMap::with_capacity(1),
         }
     }
 
