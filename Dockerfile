@@ -35,6 +35,9 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY crates/tether-testkit/Cargo.toml ./crates/tether-testkit/
 COPY crates/tether-bench/Cargo.toml ./crates/tether-bench/
 COPY proto ./proto
+# h2 with smaller per-connection buffers, put in place by the root
+# manifest's [patch.crates-io] (vendor/h2/PATCHED.md).
+COPY vendor ./vendor
 RUN set -eu; \
     for manifest in Cargo.toml crates/*/Cargo.toml; do \
         dir=$(dirname "$manifest"); \

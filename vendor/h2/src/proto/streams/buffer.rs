@@ -27,10 +27,13 @@ struct Slot<T> {
 
 impl<T> Buffer<T> {
     pub fn new() -> Self {
-        // Tether patch: room for one frame or event (see `Store::new`);
-        // the slab grows as before when more are queued at once.
+        // Tether patch: room for two frames or events, the most a
+        // Tether stream queues at once (HEADERS and the first DATA). An
+        // empty `Vec` grows to four slots at its first push, and one of
+        // room for one grows to four at its second; the slab still grows
+        // as before when more are queued.
         Buffer {
-            slab: Slab::with_capacity(1),
+            slab: Slab::with_capacity(2),
         }
     }
 
