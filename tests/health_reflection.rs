@@ -288,11 +288,12 @@ async fn health_watch_on_a_quiet_head_sends_serving_once() {
     );
 }
 
-/// The head's HTTP/2 buffers start at 1 KiB (vendor/h2/PATCHED.md), so
-/// a header block or a message larger than that must make them grow, not
-/// stall or fail: a 12 KiB request header (one HEADERS frame the head
-/// reads whole and HPACK-decodes through its 256-byte scratch buffer), and
-/// a reflection answer of several KiB (DATA the head writes).
+/// The head's HTTP/2 buffers start at a few hundred bytes (a 256-byte
+/// read buffer, a 530-byte write buffer, a 256-byte HPACK scratch buffer:
+/// vendor/h2/PATCHED.md), so a header block or a message larger than that
+/// must make them grow, not stall or fail: a 12 KiB request header (one
+/// HEADERS frame the head reads whole and HPACK-decodes), and a
+/// reflection answer of several KiB (DATA the head writes).
 #[tokio::test]
 async fn header_blocks_and_messages_larger_than_the_http2_buffers_get_through() {
     let cluster = start_cluster(1, 0).await;
