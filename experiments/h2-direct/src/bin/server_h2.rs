@@ -1,11 +1,21 @@
 //! A heartbeat server on h2 directly: one task per connection serves the
 //! connection and its streams; a beat is written from that task.
+//!
+//! With `--quiet-wakes`, the wake-ups that h2 raises for the task's own
+//! calls (a frame queued by `send_data`, data handed to a stream while the
+//! task reads) are dropped while the task is polling: the same poll reads
+//! the streams and flushes the connection before it returns, so tokio need
+//! not poll the task a second time. Wakes from elsewhere (the socket, the
+//! beat timer) go through.
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use h2::{RecvStream, SendStream};
+use std::cell::Cell;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::Poll;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
@@ -15,6 +25,28 @@ use tokio_stream::Stream;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 static RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The `Quiet` whose task this thread is polling, as an address; 0 when none.
+    static POLLING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A connection task's waker that ignores wakes raised from inside its own poll.
+struct Quiet {
+    task: AtomicWaker,
+}
+
+impl Wake for Quiet {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        if POLLING.with(|p| p.get()) == Arc::as_ptr(self) as usize {
+            return;
+        }
+        self.task.wake();
+    }
+}
 
 struct Beat {
     recv: RecvStream,
@@ -51,7 +83,34 @@ async fn serve(
         .handshake::<_, Bytes>(s)
         .await?;
     let mut beats: Vec<Beat> = Vec::new();
-    poll_fn(|cx| {
+    let quiet_wakes = std::env::args().any(|a| a == "--quiet-wakes");
+    let quiet = Arc::new(Quiet {
+        task: AtomicWaker::new(),
+    });
+    let quiet_waker = Waker::from(quiet.clone());
+    poll_fn(|outer| {
+        if !quiet_wakes {
+            return serve_once(&mut conn, &mut beats, &phase, &msg, false, outer);
+        }
+        quiet.task.register(outer.waker());
+        POLLING.with(|p| p.set(Arc::as_ptr(&quiet) as usize));
+        let mut cx = Context::from_waker(&quiet_waker);
+        let r = serve_once(&mut conn, &mut beats, &phase, &msg, true, &mut cx);
+        POLLING.with(|p| p.set(0));
+        r
+    })
+    .await
+}
+
+fn serve_once(
+    conn: &mut h2::server::Connection<tokio::net::TcpStream, Bytes>,
+    beats: &mut Vec<Beat>,
+    phase: &watch::Receiver<u64>,
+    msg: &Bytes,
+    quiet: bool,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), h2::Error>> {
+    {
         // New streams, and the connection's I/O.
         loop {
             match conn.poll_accept(cx) {
@@ -115,13 +174,14 @@ async fn serve(
                 i += 1;
             }
         }
-        if sent {
-            // Flush what was queued, in this same poll.
+        // Flush what was queued, in this same poll. With quiet wakes also
+        // when nothing was sent: a window update queued by
+        // `release_capacity` raised no wake-up.
+        if sent || quiet {
             if let Poll::Ready(r) = conn.poll_closed(cx) {
                 return Poll::Ready(r);
             }
         }
         Poll::Pending
-    })
-    .await
+    }
 }
