@@ -332,3 +332,129 @@ async fn header_blocks_and_messages_larger_than_the_http2_buffers_get_through() 
         "the answer is {size} bytes; this test needs one larger than the head's buffers"
     );
 }
+
+/// The head polls the streams of one connection on that connection's own
+/// task (the hyper patch, vendor/hyper/PATCHED.md), so they must still be
+/// served side by side: on one HTTP/2 connection, a `Heartbeat` keeps
+/// beating while a `Health.Watch` stays open, 64 unary calls run at once,
+/// and the watch is cancelled in the middle (a RST_STREAM the head must
+/// clean up without stalling the rest). A guard for the patch: it passes
+/// on upstream hyper too, and would fail if one stream's wait blocked the
+/// others or a wake got lost.
+#[tokio::test]
+async fn streams_of_one_connection_are_served_side_by_side() {
+    use tether::pb::head_service_client::HeadServiceClient;
+    use tether::pb::{ReassignRequest, WorkerBeat};
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let cluster = start_cluster(1, 0).await;
+    let head = cluster.process("head-0").expect("a head").addr;
+    // A tonic channel is one HTTP/2 connection; every call below shares it.
+    let connection = channel(head);
+    let step = Duration::from_secs(10);
+
+    let mut heads = HeadServiceClient::new(connection.clone());
+    let adopt = ReassignRequest {
+        worker_id: "w-one-connection".to_owned(),
+        ..ReassignRequest::default()
+    };
+    let answer = tokio::time::timeout(step, heads.reassign(adopt))
+        .await
+        .expect("Reassign answered")
+        .expect("Reassign adopted the worker")
+        .into_inner();
+    let beat = move |sequence| WorkerBeat {
+        worker_id: "w-one-connection".to_owned(),
+        epoch: answer.epoch,
+        sequence,
+        stream_secret: answer.stream_secret.clone(),
+        ..WorkerBeat::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(beat(0)).await.expect("the receiver is alive");
+    let mut beats = tokio::time::timeout(
+        step,
+        heads.heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("Heartbeat answered")
+    .expect("Heartbeat accepted")
+    .into_inner();
+    // The worker's half: a beat every 100 ms, well inside the 600 ms timeout.
+    let worker = tokio::spawn(async move {
+        for sequence in 1.. {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if tx.send(beat(sequence)).await.is_err() {
+                return;
+            }
+        }
+    });
+    async fn next_beat(beats: &mut tonic::Streaming<tether::pb::HeadBeat>) {
+        tokio::time::timeout(Duration::from_secs(10), beats.message())
+            .await
+            .expect("a HeadBeat within 10 s")
+            .expect("the Heartbeat stream is healthy")
+            .expect("the Heartbeat stream is open");
+    }
+    next_beat(&mut beats).await;
+
+    let health = HealthClient::new(connection.clone());
+    let mut watch = tokio::time::timeout(
+        step,
+        health.clone().watch(HealthCheckRequest {
+            service: String::new(),
+        }),
+    )
+    .await
+    .expect("Health.Watch answered")
+    .expect("Health.Watch accepted")
+    .into_inner();
+    let first = tokio::time::timeout(step, watch.message())
+        .await
+        .expect("Health.Watch sent its first status")
+        .expect("the watch is healthy")
+        .expect("the watch is open");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+
+    let checks = |n: usize| {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let mut h = health.clone();
+            set.spawn(async move {
+                h.check(HealthCheckRequest {
+                    service: HEAD_SERVICE.to_owned(),
+                })
+                .await
+            });
+        }
+        set
+    };
+    let mut set = checks(64);
+    let mut answered = 0;
+    while let Some(done) = tokio::time::timeout(step, set.join_next())
+        .await
+        .expect("64 unary calls on one connection answered within 10 s")
+    {
+        let answer = done.expect("the call's task").expect("Health.Check");
+        assert_eq!(answer.into_inner().status, ServingStatus::Serving as i32);
+        answered += 1;
+    }
+    assert_eq!(answered, 64);
+
+    // Cancel the watch in the middle; the heartbeat and new calls go on.
+    drop(watch);
+    for _ in 0..5 {
+        next_beat(&mut beats).await;
+    }
+    let mut set = checks(8);
+    while let Some(done) = tokio::time::timeout(step, set.join_next())
+        .await
+        .expect("calls after the cancel answered within 10 s")
+    {
+        done.expect("the call's task")
+            .expect("Health.Check after the cancel");
+    }
+    next_beat(&mut beats).await;
+    worker.abort();
+}
