@@ -333,14 +333,13 @@ async fn header_blocks_and_messages_larger_than_the_http2_buffers_get_through() 
     );
 }
 
-/// The head polls the streams of one connection on that connection's own
-/// task (the hyper patch, vendor/hyper/PATCHED.md), so they must still be
-/// served side by side: on one HTTP/2 connection, a `Heartbeat` keeps
-/// beating while a `Health.Watch` stays open, 64 unary calls run at once,
-/// and the watch is cancelled in the middle (a RST_STREAM the head must
-/// clean up without stalling the rest). A guard for the patch: it passes
-/// on upstream hyper too, and would fail if one stream's wait blocked the
-/// others or a wake got lost.
+/// The streams of one connection are served side by side: on one HTTP/2
+/// connection, a `Heartbeat` keeps beating while a `Health.Watch` stays
+/// open, 64 unary calls run at once, and the watch is cancelled in the
+/// middle (a RST_STREAM the head must clean up without stalling the
+/// rest). A guard for any change to how a connection's streams are
+/// polled (experiments/hyper-conn-streams tried one to save CPU): it
+/// would fail if one stream's wait blocked the others or a wake got lost.
 #[tokio::test]
 async fn streams_of_one_connection_are_served_side_by_side() {
     use tether::pb::head_service_client::HeadServiceClient;
