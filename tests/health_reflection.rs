@@ -347,7 +347,9 @@ async fn streams_of_one_connection_are_served_side_by_side() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
 
-    let cluster = start_cluster(1, 0).await;
+    // The worker's silence bound is not what this tests: 3 s, so that a
+    // loaded machine cannot end the stream between two of its beats.
+    let cluster = start_cluster_with(1, &["--heartbeat-timeout", "3s"], 0).await;
     let head = cluster.process("head-0").expect("a head").addr;
     // A tonic channel is one HTTP/2 connection; every call below shares it.
     let connection = channel(head);
@@ -380,7 +382,7 @@ async fn streams_of_one_connection_are_served_side_by_side() {
     .expect("Heartbeat answered")
     .expect("Heartbeat accepted")
     .into_inner();
-    // The worker's half: a beat every 100 ms, well inside the 600 ms timeout.
+    // The worker's half: a beat every 100 ms, well inside the timeout.
     let worker = tokio::spawn(async move {
         for sequence in 1.. {
             tokio::time::sleep(Duration::from_millis(100)).await;
