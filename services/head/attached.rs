@@ -209,6 +209,14 @@ impl Stream {
     }
 }
 
+/// The beat timer wakes the stream's body through the same slot on each of
+/// its phase's ticks.
+impl super::beat::Listener for Stream {
+    fn wake(&self) {
+        Stream::wake(self);
+    }
+}
+
 /// What a stream's first beat presents, checked by [`Attached::admit`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission {

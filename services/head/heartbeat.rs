@@ -10,8 +10,7 @@
 
 use super::attached::Attached;
 use super::attached::Stream;
-use super::beat::Beats;
-use super::beat::Tick;
+use super::beat::{Beats, Membership, Tick};
 use super::lease::LeaseState;
 use crate::events::Events;
 use crate::metrics::METRICS;
@@ -21,7 +20,6 @@ use crate::registry::Registry;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tokio_stream::wrappers::WatchStream;
 use tonic::{Status, Streaming};
 use tracing::{debug, warn};
 
@@ -92,9 +90,9 @@ pub struct HeartbeatBody {
     svc: Arc<BeatContext>,
     stream: Arc<Stream>,
     inbound: Streaming<WorkerBeat>,
-    /// The phase of the beat timer this stream beats on; it ends when the
-    /// head closes its streams.
-    ticks: WatchStream<Tick>,
+    /// The phase of the beat timer this stream beats on; its ticks end
+    /// when the head closes its streams.
+    ticks: Membership,
     /// The last tick seen, stamped on redirects.
     tick: Tick,
     /// The first beat, sent at once: a moving worker counts as attached
@@ -112,15 +110,14 @@ pub struct HeartbeatBody {
 impl HeartbeatBody {
     /// The body of the stream that `stream` records.
     pub fn new(svc: Arc<BeatContext>, stream: Arc<Stream>, inbound: Streaming<WorkerBeat>) -> Self {
-        let mut phase = svc.ticks.next_phase();
-        // Seen: the next change is the next tick, not this one.
-        let tick = *phase.borrow_and_update();
+        let ticks = svc.ticks.join(stream.clone());
+        let tick = ticks.last();
         let timeout = svc.timeout;
         let mut body = Self {
             svc,
             stream,
             inbound,
-            ticks: WatchStream::from_changes(phase),
+            ticks,
             tick,
             first: None,
             timeout,
@@ -205,7 +202,7 @@ impl tokio_stream::Stream for HeartbeatBody {
             return Poll::Ready(Some(Ok(beat)));
         }
         loop {
-            match Pin::new(&mut this.ticks).poll_next(cx) {
+            match this.ticks.poll_tick() {
                 Poll::Ready(Some(tick)) => {
                     this.tick = tick;
                     if this.stream.silent_at(tick.at, this.timeout) {

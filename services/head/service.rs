@@ -13,9 +13,9 @@ use crate::events::Events;
 use crate::metrics::METRICS;
 use crate::pb::head_service_server::HeadService;
 use crate::pb::{
-    ClusterEvent, DrainRequest, DrainResponse, EventKind, HeadBeat, ListHeadsRequest,
-    ListHeadsResponse, ListWorkersRequest, ListWorkersResponse, ReassignReason, ReassignRequest,
-    ReassignResponse, WatchEventsRequest, WorkerBeat,
+    ClusterEvent, DrainRequest, DrainResponse, EventKind, ListHeadsRequest, ListHeadsResponse,
+    ListWorkersRequest, ListWorkersResponse, ReassignReason, ReassignRequest, ReassignResponse,
+    WatchEventsRequest, WorkerBeat,
 };
 use crate::registry::{now_ms, AssignRequest, Claim, Registry, RegistryError};
 use crate::shutdown::Shutdown;
@@ -35,9 +35,6 @@ const MAX_INSTANCE_LEN: usize = 64;
 
 /// The most heads a worker may name in `unavailable_heads`.
 const MAX_UNAVAILABLE: usize = 64;
-
-/// The response stream of `Heartbeat`.
-pub type BeatStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<HeadBeat, Status>> + Send>>;
 
 /// The response stream of `WatchEvents`.
 pub type EventStream =
@@ -312,7 +309,7 @@ impl HeadSvc {
         req: ReassignRequest,
         first: WorkerBeat,
         inbound: Streaming<WorkerBeat>,
-    ) -> Result<Response<BeatStream>, Status> {
+    ) -> Result<Response<HeartbeatBody>, Status> {
         if !first.worker_id.is_empty() && first.worker_id != req.worker_id {
             return Err(Status::invalid_argument(format!(
                 "the first WorkerBeat names worker {:?} but its reassign names {:?}",
@@ -332,7 +329,7 @@ impl HeadSvc {
             inbound,
         );
         let body = body.with_assignment(self.assignment(epoch, secret));
-        Ok(Response::new(Box::pin(body) as BeatStream))
+        Ok(Response::new(body))
     }
 }
 
@@ -348,7 +345,7 @@ impl HeadService for HeadSvc {
         Ok(Response::new(self.assignment(epoch, secret)))
     }
 
-    type HeartbeatStream = BeatStream;
+    type HeartbeatStream = HeartbeatBody;
 
     async fn heartbeat(
         &self,
@@ -400,7 +397,7 @@ impl HeadService for HeadSvc {
             &first,
             inbound,
         );
-        Ok(Response::new(Box::pin(body) as BeatStream))
+        Ok(Response::new(body))
     }
 
     async fn list_workers(
