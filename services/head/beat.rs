@@ -11,8 +11,9 @@
 //! A phase keeps the listeners that joined it and wakes each of them on its
 //! tick; a listener reads the tick with one atomic load. A `watch` channel
 //! per phase did the same with a new wait future and a lock on the
-//! channel's waiter list per stream per tick, about 4 % of the head's
-//! CPU at ten thousand workers (docs/BENCHMARKS.md).
+//! channel's waiter list per stream per tick: at ten thousand workers the
+//! head spent a fifth more user time per beat with it (docs/BENCHMARKS.md,
+//! "Where the CPU goes").
 
 use crate::shutdown::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
