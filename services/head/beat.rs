@@ -15,9 +15,10 @@
 //! head spent a fifth more user time per beat with it (docs/BENCHMARKS.md,
 //! "Where the CPU goes").
 
+use crate::server::lock;
 use crate::shutdown::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -55,10 +56,6 @@ struct Phase {
     /// Bounded by the streams open: each joins once and leaves when its
     /// body is dropped.
     listeners: Mutex<slab::Slab<Arc<dyn Listener>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Phase {
