@@ -71,6 +71,7 @@ pub mod backoff;
 pub(crate) mod codec;
 #[doc(hidden)]
 pub mod config;
+pub(crate) mod direct;
 #[doc(hidden)]
 pub mod discovery;
 pub(crate) mod events;

@@ -1,7 +1,8 @@
 //! One `Heartbeat` stream, served as the response body itself.
 //!
 //! The body has no task or queue of its own: hyper's per-stream task polls
-//! it, and it wakes on the head's beat timer, on the worker's beats, and
+//! it (through [`crate::direct`], not tonic's router: see there why), and
+//! it wakes on the head's beat timer, on the worker's beats, and
 //! when the stream is replaced or redirected. A beat is built and encoded
 //! only when hyper asks for the next message, so a worker that stops
 //! reading never makes the head queue beats beyond HTTP/2 flow control.
@@ -20,7 +21,7 @@ use crate::registry::Registry;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tonic::{Status, Streaming};
+use tonic::Status;
 use tracing::{debug, warn};
 
 /// How a stream ended, which decides whether its assignment is released.
@@ -85,11 +86,12 @@ pub struct BeatContext {
     pub tasks: tokio_util::task::TaskTracker,
 }
 
-/// The response body of one `Heartbeat` stream.
-pub struct HeartbeatBody {
+/// The response body of one `Heartbeat` stream, reading the worker's
+/// beats from `I` (the head's own decoder, or tonic's `Streaming`).
+pub struct HeartbeatBody<I> {
     svc: Arc<BeatContext>,
     stream: Arc<Stream>,
-    inbound: Streaming<WorkerBeat>,
+    inbound: I,
     /// The phase of the beat timer this stream beats on; its ticks end
     /// when the head closes its streams.
     ticks: Membership,
@@ -107,9 +109,9 @@ pub struct HeartbeatBody {
     end: Option<End>,
 }
 
-impl HeartbeatBody {
+impl<I> HeartbeatBody<I> {
     /// The body of the stream that `stream` records.
-    pub fn new(svc: Arc<BeatContext>, stream: Arc<Stream>, inbound: Streaming<WorkerBeat>) -> Self {
+    pub fn new(svc: Arc<BeatContext>, stream: Arc<Stream>, inbound: I) -> Self {
         let ticks = svc.ticks.join(stream.clone());
         let tick = ticks.last();
         let timeout = svc.timeout;
@@ -160,7 +162,10 @@ impl HeartbeatBody {
     }
 }
 
-impl tokio_stream::Stream for HeartbeatBody {
+impl<I> tokio_stream::Stream for HeartbeatBody<I>
+where
+    I: tokio_stream::Stream<Item = Result<WorkerBeat, Status>> + Unpin,
+{
     type Item = Result<HeadBeat, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -233,7 +238,7 @@ impl tokio_stream::Stream for HeartbeatBody {
     }
 }
 
-impl Drop for HeartbeatBody {
+impl<I> Drop for HeartbeatBody<I> {
     fn drop(&mut self) {
         // Dropped without deciding: hyper gave up on the stream because the
         // worker reset it or its connection died.

@@ -147,13 +147,17 @@ pub(super) async fn run(
         events: events.clone(),
         heads: heads_view.clone(),
     };
+    // Heartbeat is served beside tonic's router (crate::direct), the
+    // other RPCs through it.
+    let direct: Arc<dyn crate::direct::DirectRpc> = Arc::new(svc.clone());
     let head_service = HeadServiceServer::new(svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let router = server::router(
+    let router = server::router_serving(
         health_svc,
         &server_security,
         crate::pb::head_service_server::SERVICE_NAME,
+        Some(direct),
     )
     .map_err(|e| HeadError::Setup(format!("cannot set up the gRPC server: {e}")))?;
     let router = extend(router);

@@ -9,6 +9,7 @@ use super::heads_view::{self, HeadsView};
 use super::heartbeat::{BeatContext, HeartbeatBody};
 use super::lease::LeaseState;
 use crate::config::validate_id;
+use crate::direct::{self, DirectRpc, Inbound, Reply};
 use crate::events::Events;
 use crate::metrics::METRICS;
 use crate::pb::head_service_server::HeadService;
@@ -18,6 +19,7 @@ use crate::pb::{
     WatchEventsRequest, WorkerBeat,
 };
 use crate::registry::{now_ms, AssignRequest, Claim, Registry, RegistryError};
+use crate::server::{OpenStream, MAX_MESSAGE_BYTES};
 use crate::shutdown::Shutdown;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -278,12 +280,7 @@ impl HeadSvc {
 
     /// Records an open stream whose first beat was admitted, announces it,
     /// and returns its response body.
-    fn open_stream(
-        &self,
-        new: NewStream,
-        first: &WorkerBeat,
-        inbound: Streaming<WorkerBeat>,
-    ) -> HeartbeatBody {
+    fn open_stream<I>(&self, new: NewStream, first: &WorkerBeat, inbound: I) -> HeartbeatBody<I> {
         let stream = self.attached.insert(new, now_ms());
         stream.record(first.sequence, first.load, tokio::time::Instant::now());
         debug!(worker = %stream.worker_id, epoch = stream.epoch, "stream open");
@@ -304,12 +301,12 @@ impl HeadSvc {
     /// second call (`CLAIM`) and the worker no second round trip; the
     /// first `HeadBeat` carries what `Reassign` would have answered.
     #[tracing::instrument(skip_all, fields(worker = %req.worker_id))]
-    async fn adopt_on_open(
+    async fn adopt_on_open<I>(
         &self,
         req: ReassignRequest,
         first: WorkerBeat,
-        inbound: Streaming<WorkerBeat>,
-    ) -> Result<Response<HeartbeatBody>, Status> {
+        inbound: I,
+    ) -> Result<HeartbeatBody<I>, Status> {
         if !first.worker_id.is_empty() && first.worker_id != req.worker_id {
             return Err(Status::invalid_argument(format!(
                 "the first WorkerBeat names worker {:?} but its reassign names {:?}",
@@ -328,39 +325,27 @@ impl HeadSvc {
             &first,
             inbound,
         );
-        let body = body.with_assignment(self.assignment(epoch, secret));
-        Ok(Response::new(body))
-    }
-}
-
-#[tonic::async_trait]
-impl HeadService for HeadSvc {
-    #[tracing::instrument(skip_all, fields(worker = %request.get_ref().worker_id))]
-    async fn reassign(
-        &self,
-        request: Request<ReassignRequest>,
-    ) -> Result<Response<ReassignResponse>, Status> {
-        let req = request.into_inner();
-        let (epoch, secret) = self.adopt(&req, false).await?;
-        Ok(Response::new(self.assignment(epoch, secret)))
+        Ok(body.with_assignment(self.assignment(epoch, secret)))
     }
 
-    type HeartbeatStream = HeartbeatBody;
-
-    async fn heartbeat(
-        &self,
-        request: Request<Streaming<WorkerBeat>>,
-    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+    /// Opens a `Heartbeat` stream whose beats come from `inbound`: reads
+    /// and checks the first beat, adopts or admits the worker, and returns
+    /// the stream's response body.
+    async fn open_heartbeat<I>(&self, mut inbound: I) -> Result<HeartbeatBody<I>, Status>
+    where
+        I: tokio_stream::Stream<Item = Result<WorkerBeat, Status>> + Unpin,
+    {
+        use tokio_stream::StreamExt;
         self.refuse_if_stopping()?;
-        let mut inbound = request.into_inner();
-        let mut first = tokio::time::timeout(self.cfg.timeout, inbound.message())
+        let mut first = tokio::time::timeout(self.cfg.timeout, inbound.next())
             .await
             .map_err(|_| {
                 Status::deadline_exceeded(format!(
                     "no first WorkerBeat within {:?}",
                     self.cfg.timeout
                 ))
-            })??
+            })?
+            .transpose()?
             .ok_or_else(|| {
                 Status::invalid_argument("the stream ended before its first WorkerBeat")
             })?;
@@ -386,7 +371,7 @@ impl HeadService for HeadSvc {
             }
         };
         let worker_addr = self.claim(&first).await?;
-        let body = self.open_stream(
+        Ok(self.open_stream(
             NewStream {
                 worker_id: first.worker_id.clone(),
                 epoch: first.epoch,
@@ -396,8 +381,55 @@ impl HeadService for HeadSvc {
             },
             &first,
             inbound,
-        );
-        Ok(Response::new(body))
+        ))
+    }
+}
+
+/// The path of `HeadService.Heartbeat`, which the head serves itself.
+pub(crate) const HEARTBEAT_PATH: &str = "/tether.v1.HeadService/Heartbeat";
+
+impl DirectRpc for HeadSvc {
+    fn path(&self) -> &'static str {
+        HEARTBEAT_PATH
+    }
+
+    fn call(
+        &self,
+        request: tonic::codegen::http::Request<tonic::body::Body>,
+        open: Option<OpenStream>,
+    ) -> Reply {
+        let svc = self.clone();
+        Box::pin(async move {
+            let inbound = Inbound::<WorkerBeat>::new(request.into_body(), MAX_MESSAGE_BYTES);
+            direct::respond(svc.open_heartbeat(inbound).await, open, MAX_MESSAGE_BYTES)
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl HeadService for HeadSvc {
+    #[tracing::instrument(skip_all, fields(worker = %request.get_ref().worker_id))]
+    async fn reassign(
+        &self,
+        request: Request<ReassignRequest>,
+    ) -> Result<Response<ReassignResponse>, Status> {
+        let req = request.into_inner();
+        let (epoch, secret) = self.adopt(&req, false).await?;
+        Ok(Response::new(self.assignment(epoch, secret)))
+    }
+
+    /// Served by the head itself (see [`DirectRpc`]); tonic's router
+    /// reaches this only for a caller that bypasses the head's server
+    /// stack, such as a test that mounts `HeadServiceServer` alone.
+    type HeartbeatStream = HeartbeatBody<Streaming<WorkerBeat>>;
+
+    async fn heartbeat(
+        &self,
+        request: Request<Streaming<WorkerBeat>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        self.open_heartbeat(request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn list_workers(
@@ -511,4 +543,23 @@ fn refusal(limit: &'static str, message: String) -> Status {
 
 fn millis(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The head serves `Heartbeat` itself only on this path: were it to
+    /// drift from the generated service's, every stream would silently go
+    /// the slower way through tonic's router.
+    #[test]
+    fn the_direct_path_is_the_generated_services() {
+        assert_eq!(
+            HEARTBEAT_PATH,
+            format!(
+                "/{}/Heartbeat",
+                crate::pb::head_service_server::SERVICE_NAME
+            )
+        );
+    }
 }
