@@ -418,9 +418,9 @@ impl HeadService for HeadSvc {
         Ok(Response::new(self.assignment(epoch, secret)))
     }
 
-    /// Served by the head itself (see [`DirectRpc`]); tonic's router
-    /// reaches this only for a caller that bypasses the head's server
-    /// stack, such as a test that mounts `HeadServiceServer` alone.
+    /// The head's server answers this path before tonic's router (see
+    /// [`DirectRpc`]), so no call arrives here; the generated trait needs
+    /// the method, and it runs the same code should one ever arrive.
     type HeartbeatStream = HeartbeatBody<Streaming<WorkerBeat>>;
 
     async fn heartbeat(
