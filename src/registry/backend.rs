@@ -253,8 +253,9 @@ pub struct Backend {
     topology: Topology,
     pool_config: PoolConfig,
     pools: RwLock<Pools>,
-    /// The connection every operation shares, once made.
-    shared: Mutex<Option<AnyConn>>,
+    /// The connection every operation shares, once made, with the
+    /// [`Backend::generation`] it was made in.
+    shared: Mutex<Option<(u64, AnyConn)>>,
     /// Held while the shared connection is being made, so that concurrent
     /// calls after a failure wait for one new connection instead of each
     /// making their own.
@@ -270,6 +271,10 @@ pub struct Backend {
     /// Which node the next Cluster subscription starts with.
     next_node: AtomicUsize,
 }
+
+/// Connections made in a row while the master keeps moving, before a call
+/// gives up (and the next call tries again).
+const MAX_CONNECT_ATTEMPTS: u32 = 3;
 
 /// How often, at most, the registry asks Sentinel where the master is:
 /// well under any sensible lease TTL, so leases survive a failover.
@@ -300,11 +305,13 @@ impl Backend {
         if matches!(self.topology, Topology::Sentinel { .. }) {
             self.follow_master().await;
         }
+        // Only a connection made since the master last moved.
         let shared = || {
-            self.shared
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
+            let generation = *self.generation.borrow();
+            match &*self.shared.lock().unwrap_or_else(|e| e.into_inner()) {
+                Some((made_in, c)) if *made_in == generation => Some(c.clone()),
+                _ => None,
+            }
         };
         if let Some(c) = shared() {
             return Ok(c);
@@ -314,10 +321,30 @@ impl Backend {
         if let Some(c) = shared() {
             return Ok(c);
         }
-        let pools = self.pools.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let conn = pools.connect().await?;
-        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-        Ok(conn)
+        let mut attempts = 0;
+        loop {
+            // The generation before the pools: `follow_master` replaces
+            // the pools before it bumps the generation, so a connection
+            // made from the pools of a master that has since moved is
+            // seen below and not kept.
+            let generation = *self.generation.borrow();
+            let pools = self.pools.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let conn = pools.connect().await?;
+            let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            attempts += 1;
+            if *self.generation.borrow() == generation {
+                *shared = Some((generation, conn.clone()));
+                return Ok(conn);
+            }
+            // The master moved while this connected: the connection may
+            // be to the demoted master, which keeps accepting writes for
+            // seconds; kept, it would hold the heads there until it fails.
+            if attempts == MAX_CONNECT_ATTEMPTS {
+                return Err(format!(
+                    "the Redis master moved during each of {attempts} attempts to connect to it"
+                ));
+            }
+        }
     }
 
     /// Drops the shared connection after a failure on it: the next call
@@ -360,13 +387,20 @@ impl Backend {
         if known.is_some() {
             warn!(master = %addr, "the Redis master moved; reconnecting the registry to it");
             match Pools::new(&self.topology, self.pool_config) {
-                Ok(p) => *self.pools.write().unwrap_or_else(|e| e.into_inner()) = p,
+                Ok(p) => self.retarget(p),
                 Err(e) => warn!(error = %e, "cannot rebuild the Redis pool"),
             }
-            self.invalidate();
-            self.generation.send_modify(|g| *g += 1);
         }
         self.master.lock().unwrap_or_else(|e| e.into_inner()).0 = Some(addr);
+    }
+
+    /// Moves the registry to `pools` (a new master): the pools first, then
+    /// the generation, which retires the shared connection and any being
+    /// made from the old pools (see `get`), and tells the subscribers.
+    fn retarget(&self, pools: Pools) {
+        *self.pools.write().unwrap_or_else(|e| e.into_inner()) = pools;
+        self.generation.send_modify(|g| *g += 1);
+        self.invalidate();
     }
 
     /// `host:port` of the master: from the sentinel that answered last,
@@ -467,6 +501,76 @@ impl Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection that was being made when the master moved is not
+    /// kept: CI saw the heads keep writing to a demoted master for more
+    /// than five seconds after a planned Sentinel failover, because a
+    /// connect begun on the old master's pools finished after the move
+    /// and became the shared connection. Here the connect to the "old
+    /// master" is held open (a proxy that accepts and waits) while the
+    /// registry moves to the "new" one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_made_while_the_master_moved_is_not_kept() {
+        use std::sync::Arc;
+        use tether_testkit::localcluster::RedisServer;
+        let old = RedisServer::start().expect("redis-server");
+        let new = RedisServer::start().expect("redis-server");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = listener.local_addr().unwrap();
+        let accepted = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let old_port = old.port();
+        let forwarding = tokio::spawn({
+            let (accepted, release) = (accepted.clone(), release.clone());
+            async move {
+                loop {
+                    let (mut client, _) = listener.accept().await.unwrap();
+                    accepted.notify_one();
+                    release.notified().await;
+                    let mut server = tokio::net::TcpStream::connect(("127.0.0.1", old_port))
+                        .await
+                        .unwrap();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    });
+                }
+            }
+        });
+        let topology = Topology::parse(&format!("redis://{proxy}")).unwrap();
+        let backend = Arc::new(Backend::new(topology, PoolConfig::default()).unwrap());
+        let getting = tokio::spawn({
+            let backend = backend.clone();
+            async move { backend.get().await }
+        });
+        accepted.notified().await;
+        let moved_to = Topology::parse(&new.url()).unwrap();
+        backend.retarget(Pools::new(&moved_to, backend.pool_config).unwrap());
+        release.notify_one();
+        let mut conn = tokio::time::timeout(Duration::from_secs(10), getting)
+            .await
+            .expect("a connection within 10 s")
+            .unwrap()
+            .expect("a connection");
+        // The port of the server a connection reaches.
+        async fn port_of(conn: &mut AnyConn) -> String {
+            let reply: Vec<String> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("port")
+                .query_async(conn)
+                .await
+                .unwrap();
+            reply[1].clone()
+        }
+        assert_eq!(
+            port_of(&mut conn).await,
+            new.port().to_string(),
+            "the shared connection is to the old master (port {old_port}), not the new one"
+        );
+        // And the next call gets the same, current, connection.
+        let mut again = backend.get().await.unwrap();
+        assert_eq!(port_of(&mut again).await, new.port().to_string());
+        forwarding.abort();
+    }
 
     #[test]
     fn descriptions_name_the_server_and_never_the_password() {
