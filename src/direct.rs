@@ -7,8 +7,10 @@
 //! three boxed layers and tonic's decoder: at ten thousand workers the
 //! layers' `poll_frame` calls alone were about a fifth of the head's
 //! user-space samples (docs/BENCHMARKS.md, "Where the CPU goes"). Served
-//! from [`crate::server::StreamsLayer`] instead, a beat passes one box each
-//! way and is encoded straight into the frame hyper sends.
+//! from [`crate::server::StreamsLayer`] instead, a `WorkerBeat` passes one
+//! box (tonic's server's, around hyper's body) and a `HeadBeat` two (this
+//! module's and tonic's server's), and is encoded straight into the frame
+//! hyper sends.
 //!
 //! Only the stream's body is Tether's: the connection, TLS, the token
 //! check, the stream count, `grpc-timeout` and shutdown stay tonic's and
