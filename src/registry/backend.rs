@@ -246,9 +246,10 @@ impl ConnectionLike for AnyConn {
 ///
 /// Under Sentinel, the current master is checked at most every 250 ms, on
 /// one long-lived connection to a sentinel (a new one only when it fails),
-/// and a change replaces the pool at once. (A demoted master keeps
-/// accepting writes for seconds after a planned failover; pooled
-/// connections alone would keep writing to it.)
+/// the connection goes to the address that check found, and a change
+/// replaces the pool at once. (A demoted master keeps accepting writes for
+/// seconds after a planned failover; pooled connections alone would keep
+/// writing to it.)
 pub struct Backend {
     topology: Topology,
     pool_config: PoolConfig,
@@ -384,11 +385,26 @@ impl Backend {
         if known.as_deref() == Some(addr.as_str()) {
             return;
         }
-        if known.is_some() {
-            warn!(master = %addr, "the Redis master moved; reconnecting the registry to it");
-            match Pools::new(&self.topology, self.pool_config) {
-                Ok(p) => self.retarget(p),
-                Err(e) => warn!(error = %e, "cannot rebuild the Redis pool"),
+        // From now on connect to the address this answer gave, as the event
+        // subscription does (`pubsub_client`), not through the Sentinel
+        // pool, whose own query (`SENTINEL MASTERS`) names the old master
+        // until the failover ends: while the sentinel reconfigures the
+        // replicas it already answers this question with the promoted one,
+        // and the old master, still writable, passes the pool's role check.
+        // A connection made there in that window was kept until it failed
+        // (CI saw a head still writing to the demoted master 5 s after the
+        // promotion, with the generation check below in place).
+        match Pools::new(&Topology::Single(format!("redis://{addr}")), self.pool_config) {
+            Ok(p) if known.is_some() => {
+                warn!(master = %addr, "the Redis master moved; reconnecting the registry to it");
+                self.retarget(p);
+            }
+            // The first answer: `get` asks before it connects, so nothing
+            // was connected elsewhere to retire or resubscribe.
+            Ok(p) => *self.pools.write().unwrap_or_else(|e| e.into_inner()) = p,
+            Err(e) => {
+                warn!(error = %e, "cannot set up a Redis pool for the master");
+                return;
             }
         }
         self.master.lock().unwrap_or_else(|e| e.into_inner()).0 = Some(addr);
