@@ -394,7 +394,10 @@ impl Backend {
         // A connection made there in that window was kept until it failed
         // (CI saw a head still writing to the demoted master 5 s after the
         // promotion, with the generation check below in place).
-        match Pools::new(&Topology::Single(format!("redis://{addr}")), self.pool_config) {
+        match Pools::new(
+            &Topology::Single(format!("redis://{addr}")),
+            self.pool_config,
+        ) {
             Ok(p) if known.is_some() => {
                 warn!(master = %addr, "the Redis master moved; reconnecting the registry to it");
                 self.retarget(p);
