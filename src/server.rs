@@ -425,7 +425,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
             // TLS handshake's, then the connection's): the poll that
             // registered this task's waker stands until it fires, and a
             // poll per parked read touched the timer's memory once per
-            // beat (1 % of a head's samples at 10,000 workers).
+            // beat (0.8 % of a head's samples at 10,000 workers).
             if read.is_pending()
                 && (!matches!(&this.idle_waker, Some(w) if w.will_wake(cx.waker()))
                     || tokio::time::Instant::now() >= this.idle_due)

@@ -393,7 +393,7 @@ impl Backend {
         // and the old master, still writable, passes the pool's role check.
         // A connection made there in that window was kept until it failed
         // (CI saw a head still writing to the demoted master 5 s after the
-        // promotion, with the generation check below in place).
+        // promotion, with the generation check of `get` in place).
         match Pools::new(
             &Topology::Single(format!("redis://{addr}")),
             self.pool_config,
@@ -522,12 +522,12 @@ mod tests {
     use super::*;
 
     /// A connection that was being made when the master moved is not
-    /// kept: CI saw the heads keep writing to a demoted master for more
-    /// than five seconds after a planned Sentinel failover, because a
-    /// connect begun on the old master's pools finished after the move
-    /// and became the shared connection. Here the connect to the "old
-    /// master" is held open (a proxy that accepts and waits) while the
-    /// registry moves to the "new" one.
+    /// kept: one way a head could stay on a demoted master (which keeps
+    /// accepting writes for seconds) after a Sentinel failover is a
+    /// connect begun on the old master's pools that finishes after the
+    /// move and becomes the shared connection. Here the connect to the
+    /// "old master" is held open (a proxy that accepts and waits) while
+    /// the registry moves to the "new" one.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_made_while_the_master_moved_is_not_kept() {
         use std::sync::Arc;
